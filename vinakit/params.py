@@ -1,0 +1,349 @@
+"""Notebook parameters: one frozen dataclass per notebook, validated the same way everywhere.
+
+A notebook's ``parameters`` cell holds annotated literals (papermill overrides them); the next cell calls
+``<Params>.from_namespace(globals())``, which collects those names, rejects unknown ones (suggesting the
+closest valid name) and wrong types, and returns the frozen dataclass. ``vinakit run`` calls the same
+validation before a kernel starts, so a typo fails in well under a second.
+
+YAML presets in ``params/`` may hold keys for several notebooks: a top-level key applies to every notebook
+that has that field, a section named after a notebook (``sft:``, ``cpt:`` ...) applies to that notebook only.
+This module imports nothing heavy on purpose.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Mapping
+
+import yaml
+
+from vinakit.errors import ParamsError
+
+# Names IPython puts into a notebook's globals that are not parameters.
+_IPYTHON_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})
+
+
+def _closest(name: str, candidates: typing.Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(name: str, value: Any, tp: Any, source: str) -> Any:
+    """Return ``value`` converted to ``tp`` where lossless (int -> float), else raise ParamsError."""
+    origin = typing.get_origin(tp)
+    where = f" (from {source})" if source else ""
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = _closest(str(value), [str(c) for c in choices])
+            suggestion = f" Did you mean {hint!r}?" if hint else ""
+            raise ParamsError(f"Parameter '{name}'{where} must be one of {list(choices)}, got {value!r}.{suggestion}")
+        return value
+    if origin in (list, tuple):
+        (item_type,) = typing.get_args(tp)[:1] or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"Parameter '{name}'{where} must be a list of {_type_name(item_type)}, "
+                              f"got {type(value).__name__} {value!r}.")
+        return [_check_value(f"{name}[{i}]", v, item_type, source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"Parameter '{name}'{where} must be a mapping, got {type(value).__name__}.")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"Parameter '{name}'{where} must be a number, got {type(value).__name__} {value!r}.")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"Parameter '{name}'{where} must be an integer, got {type(value).__name__} {value!r}.")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"Parameter '{name}'{where} must be true or false, got {type(value).__name__} "
+                              f"{value!r}.")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"Parameter '{name}'{where} must be a string, got {type(value).__name__} {value!r}.")
+        return value
+    return value
+
+
+def _parse_cli_value(text: str, tp: Any) -> Any:
+    """Turn a command-line string into the field's type (YAML rules, plus floats like 2e-4)."""
+    if tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))):
+        return text
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            return text  # let validation report it with the field name
+    return yaml.safe_load(text)
+
+
+@dataclass(frozen=True)
+class NotebookParams:
+    """Base class: validation, YAML and namespace loading shared by every notebook's parameters."""
+
+    notebook: ClassVar[str] = ""
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls)}
+
+    @classmethod
+    def validate(cls, values: Mapping[str, Any], source: str = "") -> "NotebookParams":
+        """Build the dataclass from ``values``; unknown names and wrong types raise ParamsError."""
+        types_ = cls.field_types()
+        checked: dict[str, Any] = {}
+        for name, value in values.items():
+            if name not in types_:
+                hint = _closest(name, types_)
+                suggestion = f" Did you mean '{hint}'?" if hint else ""
+                where = f" in {source}" if source else ""
+                raise ParamsError(f"Unknown parameter '{name}'{where} for the {cls.notebook} notebook.{suggestion} "
+                                  f"Valid names: {', '.join(sorted(types_))}.")
+            checked[name] = _check_value(name, value, types_[name], source)
+        return cls(**checked)
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field checks; subclasses extend. Raise ParamsError with what to change."""
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any]) -> "NotebookParams":
+        """Collect the parameters from a notebook's ``globals()`` (after papermill's injected cell).
+
+        Names of other notebooks' parameters (from a shared YAML file) are ignored; a section named after this
+        notebook is merged in; anything else unknown is an error naming the closest valid parameter.
+        """
+        values = {}
+        for name, value in namespace.items():
+            # Parameters are literals; objects made by later cells (a model, the run) are not, so re-running
+            # this cell in an interactive session does not mistake them for parameters.
+            if name.startswith("_") or name in _IPYTHON_NAMES or type(value) not in _LITERAL_TYPES:
+                continue
+            values[name] = value
+        return cls.validate(_select_for_notebook(cls, values, "the notebook"), source="the notebook")
+
+    @classmethod
+    def from_sources(cls, yaml_files: typing.Sequence[str | Path] = (),
+                     overrides: typing.Sequence[tuple[str, str]] = ()) -> "NotebookParams":
+        """Resolve YAML files (later ones win) then ``-p NAME VALUE`` overrides (strings from a command line)."""
+        values = cls.yaml_values(yaml_files)
+        types_ = cls.field_types()
+        for name, text in overrides:
+            if name not in types_:
+                hint = _closest(name, types_)
+                suggestion = f" Did you mean '{hint}'?" if hint else ""
+                raise ParamsError(f"Unknown parameter '{name}' (from -p) for the {cls.notebook} notebook."
+                                  f"{suggestion}")
+            values[name] = _parse_cli_value(text, types_[name])
+        return cls.validate(values, source="the command line")
+
+    @classmethod
+    def yaml_values(cls, yaml_files: typing.Sequence[str | Path]) -> dict[str, Any]:
+        """The values the YAML files give this notebook (validated, not yet turned into the dataclass)."""
+        values: dict[str, Any] = {}
+        for path in yaml_files:
+            raw = read_yaml(path)
+            selected = _select_for_notebook(cls, raw, str(path))
+            cls.validate(selected, source=str(path))  # report errors against the right file
+            values.update(selected)
+        return values
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, ready for YAML/JSON and for papermill's ``parameters``."""
+        return dataclasses.asdict(self)
+
+
+_LITERAL_TYPES = (bool, int, float, str, list, tuple, dict, type(None))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a params YAML file; it must be a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"Params file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"Params file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParamsError(f"Params file {path} must hold a mapping of parameter names to values.")
+    return data
+
+
+def _select_for_notebook(cls: type[NotebookParams], raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Pick this notebook's values from a mapping that may hold several notebooks' parameters."""
+    own = cls.field_types()
+    everyone = set().union(*(c.field_types() for c in NOTEBOOK_PARAMS.values()))
+    selected: dict[str, Any] = {}
+    section: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name in NOTEBOOK_PARAMS:
+            if not isinstance(value, dict):
+                raise ParamsError(f"Section '{name}' in {source} must be a mapping of parameters.")
+            if name == cls.notebook:
+                section = dict(value)
+        elif name in own:
+            selected[name] = value
+        elif name not in everyone:
+            hint = _closest(name, everyone | set(NOTEBOOK_PARAMS))
+            suggestion = f" Did you mean '{hint}'?" if hint else ""
+            raise ParamsError(f"Unknown parameter '{name}' in {source}.{suggestion}")
+    for key in section:
+        if key not in own:
+            hint = _closest(key, own)
+            suggestion = f" Did you mean '{hint}'?" if hint else ""
+            raise ParamsError(f"Unknown parameter '{key}' in section '{cls.notebook}' of {source}.{suggestion}")
+    selected.update(section)  # a notebook's own section wins over shared top-level keys
+    return selected
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared fields
+# --------------------------------------------------------------------------------------------------------------
+
+Backend = Literal["unsloth", "hf"]
+ToneStyle = Literal["old", "new", "off"]
+
+
+@dataclass(frozen=True)
+class RunParams(NotebookParams):
+    """Fields every notebook has: where the run goes and how text is cleaned."""
+
+    run_name: str = ""
+    output_dir: str = "outputs"
+    seed: int = 3407
+    skip_bad_rows: bool = False
+    normalize_text: bool = True
+    tone_style: ToneStyle = "old"
+
+    def check(self) -> None:
+        super().check()
+        if "/" in self.run_name or "\\" in self.run_name or self.run_name in (".", ".."):
+            raise ParamsError(f"run_name {self.run_name!r} must be a plain folder name (no slashes).")
+
+
+@dataclass(frozen=True)
+class ModelParams(RunParams):
+    """Fields of notebooks that load a model."""
+
+    model_name: str = "unsloth/Llama-3.2-1B-Instruct"
+    backend: Backend = "unsloth"
+    load_in_4bit: bool = True
+    max_seq_length: int = 2048
+    chat_template: str = ""
+
+    def check(self) -> None:
+        super().check()
+        if self.max_seq_length < 16:
+            raise ParamsError(f"max_seq_length must be at least 16, got {self.max_seq_length}.")
+
+
+@dataclass(frozen=True)
+class LoraParams(ModelParams):
+    """Fields of notebooks that train."""
+
+    full_finetuning: bool = False
+    rank: int = 128
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: str = "all-linear"
+    use_rslora: bool = True
+    use_dora: bool = False
+    learning_rate: float = 2e-4
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.01
+    optim: str = "adamw_8bit"
+    logging_steps: int = 10
+    eval_steps: int = 100
+    save_steps: int = 200
+    save_total_limit: int = 2
+    group_by_length: bool = True
+    resume_from: str = ""
+
+    def check(self) -> None:
+        super().check()
+        if self.rank < 1 and not self.full_finetuning:
+            raise ParamsError(f"rank must be >= 1, got {self.rank}.")
+        if self.learning_rate <= 0:
+            raise ParamsError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs <= 0):
+            raise ParamsError("Set max_steps > 0, or max_steps: -1 with num_train_epochs > 0.")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                     "eval_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.full_finetuning and self.load_in_4bit:
+            raise ParamsError("full_finetuning cannot train 4-bit weights: set load_in_4bit: false.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ParamsError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-notebook parameters
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SFTParams(LoraParams):
+    """Parameters of ``notebooks/sft.ipynb``: chat-template SFT with loss on assistant responses."""
+
+    notebook: ClassVar[str] = "sft"
+
+    dataset: str = "vinakit:chat"
+    val_dataset: str = ""
+    val_size: float = 0.05
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "Giới thiệu ngắn gọn về Hà Nội.",
+        "Hệ điều hành là gì?",
+    ])
+    max_new_tokens: int = 128
+    preview_examples: int = 3
+
+    def check(self) -> None:
+        super().check()
+        if self.val_size < 0 or self.val_size > 0.5 and not float(self.val_size).is_integer():
+            raise ParamsError(f"val_size must be a fraction in [0, 0.5] or a whole number of rows, "
+                              f"got {self.val_size}.")
+
+    @property
+    def val_split(self) -> float | int:
+        """``val_size`` as the data loader wants it: a fraction, or a row count when >= 1."""
+        return int(self.val_size) if self.val_size >= 1 else self.val_size
+
+
+NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
+    "sft": SFTParams,
+}
+
+
+def params_class(notebook: str) -> type[NotebookParams]:
+    """The params dataclass of a notebook name (``sft``) or path (``notebooks/sft.ipynb``)."""
+    name = Path(notebook).stem
+    if name not in NOTEBOOK_PARAMS:
+        hint = _closest(name, NOTEBOOK_PARAMS)
+        suggestion = f" Did you mean '{hint}'?" if hint else ""
+        raise ParamsError(f"Unknown notebook '{notebook}'.{suggestion} Known: {', '.join(NOTEBOOK_PARAMS)}.")
+    return NOTEBOOK_PARAMS[name]

@@ -1,0 +1,89 @@
+"""The steps of ``notebooks/sft.ipynb``, each one call from a notebook cell."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vinakit.params import LoraParams, SFTParams
+from vinakit.record import Run
+
+
+def load_data(params: SFTParams, run: Run) -> Any:
+    """Load, clean and split the chat data; the data report goes into the run manifest."""
+    from vinakit.data import load_chat_dataset
+
+    data = load_chat_dataset(
+        params.dataset,
+        val_source=params.val_dataset or None,
+        val_size=0.0 if params.val_dataset else params.val_split,
+        skip_bad_rows=params.skip_bad_rows,
+        normalize=params.normalize_text,
+        tone_style=params.tone_style,
+        seed=params.seed,
+    )
+    run.add_data_report("train", data.report)
+    return data
+
+
+def load_model(params: LoraParams, run: Run, *, modules_to_save: list[str] | None = None) -> tuple[Any, Any]:
+    """Load the model on the chosen backend, set the chat template and add LoRA (unless full fine-tuning)."""
+    from vinakit import model as model_lib
+    from vinakit.chat import use_chat_template
+
+    model, tokenizer = model_lib.load_model(
+        params.model_name, backend=params.backend, max_seq_length=params.max_seq_length,
+        load_in_4bit=params.load_in_4bit, full_finetuning=params.full_finetuning, seed=params.seed)
+    tokenizer = use_chat_template(tokenizer, params.chat_template or None)
+    if not params.full_finetuning:
+        model = model_lib.add_lora(
+            model, backend=params.backend, rank=params.rank, lora_alpha=params.lora_alpha,
+            lora_dropout=params.lora_dropout, target_modules=params.target_modules, use_rslora=params.use_rslora,
+            use_dora=params.use_dora, modules_to_save=modules_to_save, seed=params.seed)
+    run.update_manifest(device=model_lib.device_summary(),
+                        trainable_parameters=model_lib.trainable_parameter_summary(model))
+    return model, tokenizer
+
+
+def tokenize(params: SFTParams, tokenizer: Any, data: Any, run: Run) -> Any:
+    """Tokenise with exact responses-only labels and write the masking preview into the run folder."""
+    from vinakit.chat import write_masking_preview
+    from vinakit.train import tokenize_chat_data
+
+    tokenized = tokenize_chat_data(tokenizer, data, params.max_seq_length, params.train_on)
+    run.update_manifest(tokenized=tokenized.summary())
+    examples = [tokenized.train[i] for i in range(min(params.preview_examples, len(tokenized.train)))]
+    write_masking_preview(run.path / "masking_preview.txt", tokenizer, examples, n=len(examples))
+    return tokenized
+
+
+def masking_preview_html(tokenizer: Any, tokenized: Any, n: int) -> str:
+    """HTML of the first ``n`` training examples with the trained tokens highlighted."""
+    from vinakit.chat import masking_preview
+
+    parts = [masking_preview(tokenizer, tokenized.train[i], html=True) for i in range(min(n, len(tokenized.train)))]
+    return "<hr>".join(parts)
+
+
+def train(params: SFTParams, model: Any, tokenizer: Any, tokenized: Any, run: Run) -> dict[str, Any]:
+    """Train on the backend's trainer, save the adapter first of all, then return the run's metrics."""
+    from vinakit.train import build_trainer, resolve_optimizer, run_training, save_trained
+
+    run.update_manifest(optimizer=resolve_optimizer(params.optim))
+    trainer = build_trainer(model, tokenizer, tokenized.train, tokenized.validation, params, run)
+    metrics = run_training(trainer, params, run)
+    save_trained(model, tokenizer, run, params, name="model" if params.full_finetuning else "adapter")
+    return metrics
+
+
+def sample_generations(params: SFTParams, model: Any, tokenizer: Any, run: Run) -> Any:
+    """Answer the sample prompts with the trained model; a DataFrame, also saved as samples.csv."""
+    import pandas as pd
+
+    from vinakit.generation import generate_chat
+    from vinakit.model import prepare_for_inference
+
+    model = prepare_for_inference(model, backend=params.backend)
+    replies = generate_chat(model, tokenizer, params.sample_prompts, max_new_tokens=params.max_new_tokens)
+    table = pd.DataFrame({"prompt": params.sample_prompts, "reply": replies})
+    table.to_csv(run.path / "samples.csv", index=False, encoding="utf-8-sig")
+    return table

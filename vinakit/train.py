@@ -1,0 +1,343 @@
+"""Training on both backends: Unsloth's trainer (``backend: unsloth``) or TRL's SFTTrainer (``backend: hf``).
+
+Both get the same pre-tokenised data (``input_ids`` + exact ``labels`` from :mod:`vinakit.chat`), the same
+length-grouped sampler and the same collator, so the only difference between the backends is the model code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vinakit.record import Run
+
+TRAINING_INFO_FILE = "vinakit_training.json"
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class TokenizedData:
+    """Tokenised train/validation splits and what was dropped while tokenising."""
+
+    train: Any  # datasets.Dataset
+    validation: Any | None
+    dropped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        lengths = self.train["length"]
+        return {
+            "train_rows": len(self.train),
+            "validation_rows": len(self.validation) if self.validation is not None else 0,
+            "dropped_while_tokenizing": dict(self.dropped),
+            "train_tokens": int(sum(lengths)),
+            "max_length": int(max(lengths)),
+            "mean_length": round(sum(lengths) / len(lengths), 1),
+        }
+
+
+def tokenize_chat_data(tokenizer: Any, chat_data: Any, max_length: int, train_on: str = "assistant") -> TokenizedData:
+    """Tokenise ``ChatData`` splits with exact responses-only labels; rows with nothing to train are dropped."""
+    from datasets import Dataset
+
+    from vinakit.chat import tokenize_rows
+    from vinakit.errors import DataError
+
+    train_rows, dropped = tokenize_rows(tokenizer, chat_data.train, max_length, train_on)
+    if not train_rows:
+        raise DataError(f"No training row is left after tokenising ({dict(dropped)}): raise max_seq_length or "
+                        f"check the data.")
+    validation = None
+    if chat_data.validation:
+        val_rows, val_dropped = tokenize_rows(tokenizer, chat_data.validation, max_length, train_on)
+        dropped.update({f"validation: {k}": v for k, v in val_dropped.items()})
+        validation = Dataset.from_list(_model_columns(val_rows)) if val_rows else None
+    return TokenizedData(Dataset.from_list(_model_columns(train_rows)), validation, dropped)
+
+
+def _model_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"input_ids": r["input_ids"], "labels": r["labels"], "length": len(r["input_ids"])} for r in rows]
+
+
+class PaddingCountingCollator:
+    """TRL's language-modelling collator, counting real and padded tokens (the non-pad share)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
+        self.real_tokens = 0
+        self.padded_tokens = 0
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+        batch = self.inner(examples)
+        self.real_tokens += int(batch["attention_mask"].sum())
+        self.padded_tokens += int(batch["input_ids"].numel())
+        return batch
+
+    @property
+    def nonpad_share(self) -> float | None:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else None
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_optimizer(name: str) -> str:
+    """8-bit optimizers need a GPU; on CPU fall back to plain AdamW (recorded in the manifest)."""
+    if "8bit" in name and not on_gpu():
+        return "adamw_torch"
+    return name
+
+
+def training_arguments(params: Any, run: Run, *, has_eval: bool, **extra: Any) -> Any:
+    """SFTConfig (or UnslothTrainingArguments) from the notebook parameters."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(run.path / "checkpoints"),
+        per_device_train_batch_size=params.per_device_train_batch_size,
+        per_device_eval_batch_size=params.per_device_train_batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        learning_rate=params.learning_rate,
+        num_train_epochs=params.num_train_epochs,
+        max_steps=params.max_steps,
+        warmup_steps=params.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        lr_scheduler_type=params.lr_scheduler_type,
+        weight_decay=params.weight_decay,
+        optim=resolve_optimizer(params.optim),
+        logging_steps=params.logging_steps,
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=params.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=params.eval_steps,
+        seed=params.seed,
+        data_seed=params.seed,
+        report_to=[],
+        max_length=params.max_seq_length,
+        dataset_kwargs={"skip_prepare_dataset": True},  # rows are tokenised with exact labels already
+        remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if params.group_by_length else "random",
+        length_column_name="length",
+        dataloader_num_workers=0,
+    )
+    if on_gpu():
+        import torch
+
+        bf16 = torch.cuda.is_bf16_supported()
+        kwargs.update(bf16=bf16, fp16=not bf16)
+    else:
+        kwargs.update(use_cpu=True)
+    kwargs.update(extra)
+    if params.backend == "unsloth":
+        from unsloth import UnslothTrainingArguments
+
+        return UnslothTrainingArguments(**kwargs)
+    from trl import SFTConfig
+
+    embedding_lr = kwargs.pop("embedding_learning_rate", None)
+    config = SFTConfig(**kwargs)
+    config.embedding_learning_rate = embedding_lr
+    return config
+
+
+def build_trainer(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any | None, params: Any,
+                  run: Run, *, embedding_learning_rate: float | None = None, callbacks: list[Any] | None = None
+                  ) -> Any:
+    """The backend's trainer over pre-tokenised data, with loss history and padding accounting."""
+    extra = {} if embedding_learning_rate is None else {"embedding_learning_rate": embedding_learning_rate}
+    args = training_arguments(params, run, has_eval=eval_dataset is not None, **extra)
+    collator = PaddingCountingCollator(_pad_id(tokenizer))
+    history = LossHistory()
+    trainer_cls = _trainer_class(params.backend)
+    trainer = trainer_cls(model=model, processing_class=tokenizer, train_dataset=train_dataset,
+                          eval_dataset=eval_dataset, args=args, data_collator=collator,
+                          callbacks=[_as_callback(history), *(callbacks or [])])
+    trainer.vinakit_history = history
+    trainer.vinakit_collator = collator
+    return trainer
+
+
+def _pad_id(tokenizer: Any) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id
+
+
+def _trainer_class(backend: str) -> type:
+    if backend == "unsloth":
+        from unsloth import UnslothTrainer  # has its own embedding-learning-rate parameter group
+
+        return UnslothTrainer
+    from trl import SFTTrainer
+
+    class HFTrainer(SFTTrainer):
+        """TRL's SFTTrainer with the embedding learning rate as its own parameter group."""
+
+        def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+            embedding_lr = getattr(self.args, "embedding_learning_rate", None)
+            if embedding_lr is None or self.optimizer is not None:
+                return super().create_optimizer(*args, **kwargs)
+            self.optimizer = build_optimizer_with_embedding_group(self, embedding_lr)
+            return self.optimizer
+
+    return HFTrainer
+
+
+def embedding_parameter_ids(model: Any) -> set[int]:
+    """ids of the trainable input/output embedding weights (``modules_to_save`` copies included)."""
+    ids = set()
+    for name, param in model.named_parameters():
+        if param.requires_grad and ("embed_tokens" in name or "lm_head" in name) and "lora_" not in name:
+            ids.add(id(param))
+    return ids
+
+
+def build_optimizer_with_embedding_group(trainer: Any, embedding_lr: float) -> Any:
+    """An optimizer with the body at ``learning_rate`` and the embeddings at ``embedding_lr``."""
+    model = trainer.model
+    decay = set(trainer.get_decay_parameter_names(model))
+    embed_ids = embedding_parameter_ids(model)
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault((id(param) in embed_ids, name in decay), []).append(param)
+    optimizer_cls, optimizer_kwargs = trainer.get_optimizer_cls_and_kwargs(trainer.args, model)
+    param_groups = [
+        {"params": ps, "weight_decay": trainer.args.weight_decay if is_decay else 0.0,
+         "lr": embedding_lr if is_embed else trainer.args.learning_rate}
+        for (is_embed, is_decay), ps in groups.items()
+    ]
+    return optimizer_cls(param_groups, **optimizer_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+class LossHistory:
+    """Keeps every logged train/eval loss with its step (a transformers ``TrainerCallback``)."""
+
+    def __init__(self) -> None:
+        self.train: list[tuple[int, float]] = []
+        self.eval: list[tuple[int, float]] = []
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        logs = logs or {}
+        if "loss" in logs:
+            self.train.append((state.global_step, float(logs["loss"])))
+        if "eval_loss" in logs:
+            self.eval.append((state.global_step, float(logs["eval_loss"])))
+
+
+def _as_callback(history: LossHistory) -> Any:
+    """Wrap the history as a TrainerCallback (transformers is imported here, after Unsloth)."""
+    from transformers import TrainerCallback
+
+    class _Callback(TrainerCallback):
+        def on_log(self, *args: Any, **kwargs: Any) -> None:
+            history.on_log(*args, **kwargs)
+
+    return _Callback()
+
+
+def last_checkpoint(run_folder: str | Path) -> Path:
+    """The newest ``checkpoint-N`` folder of a run folder (or a checkpoints folder, or a checkpoint itself)."""
+    from vinakit.errors import VinakitError
+
+    folder = Path(run_folder).expanduser()
+    if (folder / "trainer_state.json").exists():
+        return folder
+    roots = [folder / "checkpoints", folder]
+    found = [p for root in roots if root.is_dir() for p in root.glob("checkpoint-*") if p.is_dir()]
+    found = [p for p in found if p.name.split("-")[-1].isdigit()]
+    if not found:
+        raise VinakitError(f"resume_from={run_folder}: no checkpoint-N folder found there (looked in "
+                           f"{folder}/checkpoints). Checkpoints are written every save_steps steps.")
+    return max(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
+    """Train (resuming if asked), then return and record the metrics of the run."""
+    checkpoint = str(last_checkpoint(params.resume_from)) if params.resume_from else None
+    if checkpoint:
+        run.update_manifest(resumed_from=checkpoint)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - start
+    history: LossHistory = trainer.vinakit_history
+    collator: PaddingCountingCollator = trainer.vinakit_collator
+    metrics: dict[str, Any] = {
+        "train_loss": float(result.training_loss),
+        "train_loss_history": [loss for _, loss in history.train],
+        "train_loss_steps": [step for step, _ in history.train],
+        "global_step": int(trainer.state.global_step),
+        "train_runtime_s": round(seconds, 2),
+        "train_tokens_seen": collator.real_tokens,
+        "tokens_per_second": round(collator.real_tokens / seconds, 1) if seconds > 0 else None,
+        "nonpad_token_share": round(collator.nonpad_share, 4) if collator.nonpad_share else None,
+    }
+    if trainer.eval_dataset is not None:
+        final = trainer.evaluate()
+        history.eval.append((trainer.state.global_step, float(final["eval_loss"])))
+        metrics.update(eval_loss=float(final["eval_loss"]),
+                       eval_loss_history=[loss for _, loss in history.eval],
+                       eval_loss_steps=[step for step, _ in history.eval])
+    return run.log_metrics(**metrics)
+
+
+def save_trained(model: Any, tokenizer: Any, run: Run, params: Any, *, name: str = "adapter") -> Path:
+    """Save the adapter (or the full model) with its tokenizer and exact chat template into the run folder."""
+    folder = run.path / name
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    info = {
+        "base_model": params.model_name,
+        "backend": params.backend,
+        "load_in_4bit": params.load_in_4bit,
+        "full_finetuning": getattr(params, "full_finetuning", False),
+        "chat_template_name": getattr(params, "chat_template", "") or "tokenizer's own",
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "max_seq_length": params.max_seq_length,
+        "train_on": getattr(params, "train_on", None),
+        "run": run.path.name,
+    }
+    (folder / TRAINING_INFO_FILE).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n",
+                                             encoding="utf-8")
+    run.update_manifest(saved_model=str(folder))
+    return folder
+
+
+def plot_losses(metrics: dict[str, Any], title: str = "Loss") -> Any:
+    """A matplotlib figure of the train (and validation) loss curves."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(metrics.get("train_loss_steps", []), metrics.get("train_loss_history", []), label="train")
+    if metrics.get("eval_loss_history"):
+        ax.plot(metrics["eval_loss_steps"], metrics["eval_loss_history"], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def total_steps(n_rows: int, params: Any) -> int:
+    """Optimizer steps a run will take (for progress messages and warm-up)."""
+    if params.max_steps > 0:
+        return params.max_steps
+    per_epoch = math.ceil(n_rows / (params.per_device_train_batch_size * params.gradient_accumulation_steps))
+    return math.ceil(per_epoch * params.num_train_epochs)
