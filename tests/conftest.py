@@ -24,7 +24,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def _uses_unsloth(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
-    return bool(callspec and callspec.params.get("backend") == "unsloth") or item.get_closest_marker("unsloth")
+    return bool(callspec and callspec.params.get("backend") == "unsloth") or bool(item.get_closest_marker("unsloth"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -51,3 +51,18 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vinakit.model import tiny_model_dir
 
     return tiny_model_dir()
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One headless SFT run of the notebook with params/cpu_tiny.yaml, shared by the tests that need a model."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("runs")
+    result = subprocess.run(
+        [sys.executable, "-m", "vinakit.cli", "run", "sft", "-f", str(REPO / "params" / "cpu_tiny.yaml"),
+         "-p", "output_dir", str(out), "-p", "run_name", "sft-session", "--no-progress"],
+        capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return out / "sft-session"

@@ -74,6 +74,9 @@ def package_versions() -> dict[str, str | None]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
+    from vinakit import __version__
+
+    versions["vinakit"] = versions["vinakit"] or __version__  # a checkout used without installing
     return versions
 
 

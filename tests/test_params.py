@@ -1,0 +1,132 @@
+"""Parameters: one dataclass per notebook, YAML keys = fields, clear errors, fast CLI validation."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vinakit.errors import ParamsError
+from vinakit.params import NOTEBOOK_PARAMS, SFTParams, params_class, read_yaml
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+YAML_FILES = sorted((REPO / "params").rglob("*.yaml"))
+
+
+def parameters_cell(path: Path) -> str:
+    cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name} must have exactly one cell tagged 'parameters'"
+    return "".join(tagged[0]["source"])
+
+
+def test_every_notebook_has_a_params_class():
+    assert NOTEBOOKS, "no notebooks found"
+    for path in NOTEBOOKS:
+        assert path.stem in NOTEBOOK_PARAMS, f"{path.name} has no params dataclass in vinakit.params"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_cell_equals_dataclass_defaults(path: Path):
+    """The cell holds only annotated literals with a comment each, equal to the dataclass defaults."""
+    source = parameters_cell(path)
+    tree = ast.parse(source)
+    cls = params_class(path.stem)
+    defaults = cls().to_dict()
+    seen = set()
+    lines = source.splitlines()
+    for node in tree.body:
+        assert isinstance(node, ast.AnnAssign), f"{path.name}: only annotated assignments, got {ast.dump(node)}"
+        name = node.target.id
+        seen.add(name)
+        assert ast.literal_eval(node.value) == defaults[name], f"{path.name}: {name} differs from the dataclass"
+        assert "#" in lines[node.lineno - 1], f"{path.name}: parameter {name} needs a '# why' comment"
+    assert seen == set(defaults), f"{path.name}: cell and dataclass differ: {seen ^ set(defaults)}"
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=lambda p: p.name)
+def test_every_yaml_preset_validates_for_every_notebook(path: Path):
+    for cls in NOTEBOOK_PARAMS.values():
+        cls.from_sources([path])
+
+
+def test_unknown_name_suggests_closest():
+    with pytest.raises(ParamsError, match="Did you mean 'rank'"):
+        SFTParams.validate({"rnak": 8})
+    with pytest.raises(ParamsError, match="learning_rate"):
+        SFTParams.from_sources([], [("learnig_rate", "1e-4")])
+
+
+@pytest.mark.parametrize("name,value,expected", [
+    ("rank", "8", "must be an integer"),
+    ("load_in_4bit", "yes", "must be true or false"),
+    ("learning_rate", "fast", "must be a number"),
+    ("backend", "unslot", "Did you mean 'unsloth'"),
+    ("sample_prompts", "Xin chào", "must be a list"),
+])
+def test_wrong_type_is_rejected(name, value, expected):
+    with pytest.raises(ParamsError, match=expected):
+        SFTParams.validate({name: value})
+
+
+def test_cli_strings_are_converted_to_field_types():
+    params = SFTParams.from_sources([], [("rank", "64"), ("learning_rate", "2e-4"), ("load_in_4bit", "false"),
+                                         ("run_name", "thử-nghiệm"), ("num_train_epochs", "2")])
+    assert (params.rank, params.learning_rate, params.load_in_4bit) == (64, 2e-4, False)
+    assert params.run_name == "thử-nghiệm" and params.num_train_epochs == 2.0
+
+
+def test_cross_field_checks():
+    with pytest.raises(ParamsError, match="load_in_4bit"):
+        SFTParams.validate({"full_finetuning": True, "load_in_4bit": True})
+    with pytest.raises(ParamsError, match="plain folder name"):
+        SFTParams.validate({"run_name": "../escape"})
+    with pytest.raises(ParamsError, match="max_steps"):
+        SFTParams.validate({"max_steps": 0})
+
+
+def test_yaml_sections_and_shared_keys(tmp_path: Path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model_name: tiny-vi\nrank: 4\nsft:\n  rank: 8\n  dataset: data.jsonl\n", encoding="utf-8")
+    params = SFTParams.from_sources([preset])
+    assert (params.model_name, params.rank, params.dataset) == ("tiny-vi", 8, "data.jsonl")
+    preset.write_text("sft:\n  rnak: 8\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match=r"section 'sft' of .*p\.yaml.*Did you mean 'rank'"):
+        SFTParams.from_sources([preset])
+    preset.write_text("mdoel_name: x\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="Did you mean 'model_name'"):
+        SFTParams.from_sources([preset])
+    preset.write_text("- a\n- b\n", encoding="utf-8")
+    with pytest.raises(ParamsError, match="mapping"):
+        read_yaml(preset)
+
+
+def test_from_namespace_ignores_code_and_objects_but_not_typos():
+    namespace = {"rank": 8, "json": json, "Path": Path, "_private": 1, "In": [], "run": object(),
+                 "model_name": "tiny-vi"}
+    params = SFTParams.from_namespace(namespace)
+    assert params.rank == 8 and params.model_name == "tiny-vi"
+    with pytest.raises(ParamsError, match="Did you mean 'rank'"):
+        SFTParams.from_namespace({**namespace, "rnak": 16})
+    # a shared YAML file passed to plain papermill injects other notebooks' keys and sections: ignored
+    other = {name for cls in NOTEBOOK_PARAMS.values() for name in cls.field_types()} - set(SFTParams.field_types())
+    extra = {name: 1 for name in list(other)[:3]}
+    assert SFTParams.from_namespace({**namespace, **extra, "sft": {"rank": 4}}).rank == 4
+
+
+def test_cli_rejects_a_typo_before_any_kernel_starts(tmp_path: Path):
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "vinakit.cli", "run", "sft", "-f",
+                             str(REPO / "params" / "cpu_tiny.yaml"), "-p", "rnak", "8",
+                             "-p", "output_dir", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2
+    assert "Did you mean 'rank'" in result.stderr
+    assert elapsed < 5, f"validation took {elapsed:.1f} s"
+    assert not any(tmp_path.iterdir()), "no run folder may be created for invalid parameters"
