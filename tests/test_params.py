@@ -130,3 +130,12 @@ def test_cli_rejects_a_typo_before_any_kernel_starts(tmp_path: Path):
     assert "Did you mean 'rank'" in result.stderr
     assert elapsed < 5, f"validation took {elapsed:.1f} s"
     assert not any(tmp_path.iterdir()), "no run folder may be created for invalid parameters"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_parses_every_parameter(path: Path):
+    """papermill reads the same names (a comment with '=' would hide a parameter from it)."""
+    import papermill
+
+    found = papermill.inspect_notebook(str(path))
+    assert set(found) == set(params_class(path.stem).field_types())

@@ -8,11 +8,11 @@ from vinakit.params import LoraParams, SFTParams
 from vinakit.record import Run
 
 
-def load_data(params: SFTParams, run: Run) -> Any:
-    """Load, clean and split the chat data; the data report goes into the run manifest."""
+def read_data(params: SFTParams) -> Any:
+    """Load, clean and split the chat data exactly as training does (the export re-creates the validation split)."""
     from vinakit.data import load_chat_dataset
 
-    data = load_chat_dataset(
+    return load_chat_dataset(
         params.dataset,
         val_source=params.val_dataset or None,
         val_size=0.0 if params.val_dataset else params.val_split,
@@ -21,6 +21,11 @@ def load_data(params: SFTParams, run: Run) -> Any:
         tone_style=params.tone_style,
         seed=params.seed,
     )
+
+
+def load_data(params: SFTParams, run: Run) -> Any:
+    """Load, clean and split the chat data; the data report goes into the run manifest."""
+    data = read_data(params)
     run.add_data_report("train", data.report)
     return data
 
@@ -34,11 +39,7 @@ def load_model(params: LoraParams, run: Run, *, modules_to_save: list[str] | Non
         params.model_name, backend=params.backend, max_seq_length=params.max_seq_length,
         load_in_4bit=params.load_in_4bit, full_finetuning=params.full_finetuning, seed=params.seed)
     tokenizer = use_chat_template(tokenizer, params.chat_template or None)
-    if not params.full_finetuning:
-        model = model_lib.add_lora(
-            model, backend=params.backend, rank=params.rank, lora_alpha=params.lora_alpha,
-            lora_dropout=params.lora_dropout, target_modules=params.target_modules, use_rslora=params.use_rslora,
-            use_dora=params.use_dora, modules_to_save=modules_to_save, seed=params.seed)
+    model = model_lib.prepare_for_training(model, params, modules_to_save=modules_to_save)
     run.update_manifest(device=model_lib.device_summary(),
                         trainable_parameters=model_lib.trainable_parameter_summary(model))
     return model, tokenizer

@@ -129,7 +129,6 @@ def training_arguments(params: Any, run: Run, *, has_eval: bool, **extra: Any) -
         max_length=params.max_seq_length,
         dataset_kwargs={"skip_prepare_dataset": True},  # rows are tokenised with exact labels already
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if params.group_by_length else "random",
         length_column_name="length",
         dataloader_num_workers=0,
     )
@@ -144,12 +143,14 @@ def training_arguments(params: Any, run: Run, *, has_eval: bool, **extra: Any) -
     if params.backend == "unsloth":
         from unsloth import UnslothTrainingArguments
 
-        return UnslothTrainingArguments(**kwargs)
-    from trl import SFTConfig
+        config = UnslothTrainingArguments(**kwargs)
+    else:
+        from trl import SFTConfig
 
-    embedding_lr = kwargs.pop("embedding_learning_rate", None)
-    config = SFTConfig(**kwargs)
-    config.embedding_learning_rate = embedding_lr
+        embedding_lr = kwargs.pop("embedding_learning_rate", None)
+        config = SFTConfig(**kwargs)
+        config.embedding_learning_rate = embedding_lr
+    config.vinakit_length_buckets = params.group_by_length  # read by the kit's trainer (LengthBucketSampler)
     return config
 
 
@@ -177,23 +178,85 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def _trainer_class(backend: str) -> type:
+    """The backend's trainer class with the kit's two additions (see ``_KitTrainerMixin``)."""
     if backend == "unsloth":
         from unsloth import UnslothTrainer  # has its own embedding-learning-rate parameter group
 
-        return UnslothTrainer
+        return type("KitUnslothTrainer", (_KitTrainerMixin, UnslothTrainer), {})
     from trl import SFTTrainer
 
-    class HFTrainer(SFTTrainer):
-        """TRL's SFTTrainer with the embedding learning rate as its own parameter group."""
+    return type("KitHFTrainer", (_KitTrainerMixin, _EmbeddingGroupMixin, SFTTrainer), {})
 
-        def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
-            embedding_lr = getattr(self.args, "embedding_learning_rate", None)
-            if embedding_lr is None or self.optimizer is not None:
-                return super().create_optimizer(*args, **kwargs)
-            self.optimizer = build_optimizer_with_embedding_group(self, embedding_lr)
-            return self.optimizer
 
-    return HFTrainer
+class LengthBucketSampler:
+    """Batches of similar length in random order: little padding, no long-to-short curriculum.
+
+    transformers' LengthGroupedSampler sorts only within mega-batches of at most a quarter of the data, so
+    small data sets still pad a lot; this one shuffles, sorts windows of ``window_batches`` batches by length,
+    cuts them into batches and shuffles the batches. ``set_epoch`` (called by the Trainer) makes each epoch's
+    order a function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window_batches: int = 64) -> None:
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window_batches * batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        import random
+
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        batches: list[list[int]] = []
+        for start in range(0, len(order), self.window):
+            window = sorted(order[start:start + self.window], key=self.lengths.__getitem__)
+            batches.extend(window[i:i + self.batch_size] for i in range(0, len(window), self.batch_size))
+        full = [b for b in batches if len(b) == self.batch_size]
+        partial = [i for b in batches if len(b) < self.batch_size for i in b]
+        rng.shuffle(full)
+        # The DataLoader cuts this flat order into batches again: short leftovers go last, sorted, so they
+        # cannot shift the boundaries of the full batches.
+        partial.sort(key=self.lengths.__getitem__)
+        return iter([index for batch in full for index in batch] + partial)
+
+
+class _KitTrainerMixin:
+    """Length-bucketed sampling, and evaluation batches through the plain collator (so the padding count
+    covers training batches only)."""
+
+    def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
+        dataset = self.train_dataset
+        if getattr(self.args, "vinakit_length_buckets", False) and "length" in dataset.column_names:
+            return LengthBucketSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
+        return super()._get_train_sampler(*args, **kwargs)
+
+    def get_eval_dataloader(self, *args: Any, **kwargs: Any) -> Any:
+        counting = self.data_collator
+        self.data_collator = getattr(counting, "inner", counting)
+        try:
+            return super().get_eval_dataloader(*args, **kwargs)
+        finally:
+            self.data_collator = counting
+
+
+class _EmbeddingGroupMixin:
+    """TRL's SFTTrainer with the embedding learning rate as its own parameter group (Unsloth has its own)."""
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
+        embedding_lr = getattr(self.args, "embedding_learning_rate", None)
+        if embedding_lr is None or self.optimizer is not None:
+            return super().create_optimizer(*args, **kwargs)
+        self.optimizer = build_optimizer_with_embedding_group(self, embedding_lr)
+        return self.optimizer
 
 
 def embedding_parameter_ids(model: Any) -> set[int]:
@@ -238,6 +301,8 @@ class LossHistory:
         if "loss" in logs:
             self.train.append((state.global_step, float(logs["loss"])))
         if "eval_loss" in logs:
+            # the final evaluation can repeat the last step's: keep one value per step
+            self.eval = [(s, v) for s, v in self.eval if s != state.global_step]
             self.eval.append((state.global_step, float(logs["eval_loss"])))
 
 
@@ -289,8 +354,7 @@ def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
         "nonpad_token_share": round(collator.nonpad_share, 4) if collator.nonpad_share else None,
     }
     if trainer.eval_dataset is not None:
-        final = trainer.evaluate()
-        history.eval.append((trainer.state.global_step, float(final["eval_loss"])))
+        final = trainer.evaluate()  # logged through the history callback too
         metrics.update(eval_loss=float(final["eval_loss"]),
                        eval_loss_history=[loss for _, loss in history.eval],
                        eval_loss_steps=[step for step, _ in history.eval])
