@@ -18,9 +18,9 @@ $(STAMP): requirements.txt requirements-unsloth.txt pyproject.toml
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  echo "vinakit setup: NVIDIA GPU found: installing the CUDA build of torch 2.13.0"; \
 	  $(PY) -m pip install -q torch==2.13.0; \
-	elif $(PY) -m pip download -q --no-deps --no-index -d /tmp/vinakit-torch-probe torch==2.13.0 >/dev/null 2>&1; then \
+	elif $(PY) -m pip install --dry-run -q --no-deps --no-index torch==2.13.0 >/dev/null 2>&1; then \
 	  echo "vinakit setup: no GPU: installing the CPU build of torch 2.13.0 found by pip locally"; \
-	  $(PY) -m pip install -q --no-index torch==2.13.0 || $(PY) -m pip install -q torch==2.13.0; \
+	  $(PY) -m pip install -q torch==2.13.0; \
 	else \
 	  echo "vinakit setup: no GPU: installing the CPU build of torch 2.13.0 from $(TORCH_CPU_INDEX)"; \
 	  $(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX); \
@@ -32,7 +32,10 @@ $(STAMP): requirements.txt requirements-unsloth.txt pyproject.toml
 	@if ! $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
 	  $(PY) -m pip uninstall -q -y torchvision 2>/dev/null || true; fi
 	$(PY) -m pip install -q --no-deps -e .
-	@$(PY) -c "import torch; print('vinakit setup: torch', torch.__version__, '| CUDA:', torch.cuda.is_available())"
+	@gpu=$$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0); \
+	$(PY) -c "import sys, torch; print('vinakit setup: torch', torch.__version__, '| CUDA build:', torch.version.cuda); \
+	sys.exit('vinakit setup: a CUDA build of torch landed on a machine without a GPU: remove .venv and retry' \
+	if $$gpu == 0 and torch.version.cuda else 0)"
 	@touch $(STAMP)
 
 demo: setup
