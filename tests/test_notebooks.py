@@ -48,7 +48,10 @@ def run_cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None) -> subp
 
 
 # Extra command-line parameters per notebook; notebooks that consume a trained model get the SFT run.
-EXTRA_ARGS = {}
+EXTRA_ARGS = {
+    "eval_mcq": lambda sft: ["-p", "adapter", str(sft)],
+    "export": lambda sft: ["-p", "adapter", str(sft / "adapter")],
+}
 
 
 def check_run_folder(run: Path, name: str) -> dict:

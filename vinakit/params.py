@@ -334,8 +334,215 @@ class SFTParams(LoraParams):
         return int(self.val_size) if self.val_size >= 1 else self.val_size
 
 
+SaveMethod = Literal["lora", "merged_16bit", "gguf"]
+# llama.cpp quantisation types Unsloth's GGUF export accepts without an importance matrix (the common ones).
+GGUF_QUANTIZATIONS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_0", "q4_1", "q4_k_s", "q4_k_m", "q5_0", "q5_1",
+                      "q5_k_s", "q5_k_m", "q6_k", "q8_0", "f16", "bf16", "f32")
+
+
+@dataclass(frozen=True)
+class ExportParams(RunParams):
+    """Parameters of ``notebooks/export.ipynb``: keep the adapter, merge onto 16-bit, check fidelity, publish."""
+
+    notebook: ClassVar[str] = "export"
+
+    adapter: str = ""
+    backend: Backend = "unsloth"
+    max_seq_length: int = 2048
+    save_methods: list[SaveMethod] = field(default_factory=lambda: ["merged_16bit"])
+    merged_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    gguf_quantizations: list[str] = field(default_factory=lambda: ["q4_k_m", "q8_0"])
+    merge_with: list[str] = field(default_factory=list)
+    merge_weights: list[float] = field(default_factory=list)
+    merge_method: Literal["linear", "ties"] = "linear"
+    merge_density: float = 0.5
+    fidelity_dataset: str = ""
+    fidelity_rows: int = 16
+    fidelity_max_tokens: int = 256
+    max_logit_diff: float = 1.0
+    max_kl: float = 0.01
+    compare_naive_4bit: bool = True
+    push_to_hub: bool = False
+    repo_id: str = ""
+    private: bool = True
+    eval_run: str = ""
+    license: str = ""
+
+    def check(self) -> None:
+        super().check()
+        self._check_outputs()
+        self._check_merge()
+        self._check_fidelity()
+
+    def _check_outputs(self) -> None:
+        if not self.save_methods or len(set(self.save_methods)) != len(self.save_methods):
+            raise ParamsError(f"save_methods must list each of lora, merged_16bit, gguf at most once and not be "
+                              f"empty, got {self.save_methods}.")
+        for name in self.gguf_quantizations:
+            if name not in GGUF_QUANTIZATIONS:
+                hint = _closest(name.lower(), GGUF_QUANTIZATIONS)
+                suggestion = f" Did you mean {hint!r}?" if hint else ""
+                raise ParamsError(f"gguf_quantizations: unknown type {name!r}.{suggestion} Known: "
+                                  f"{', '.join(GGUF_QUANTIZATIONS)}.")
+        if "gguf" in self.save_methods and not self.gguf_quantizations:
+            raise ParamsError("save_methods has gguf but gguf_quantizations is empty: list e.g. [q4_k_m, q8_0].")
+        if self.push_to_hub and not self.repo_id:
+            raise ParamsError("push_to_hub is true but repo_id is empty: set repo_id to 'your-user/model-name'.")
+        if self.repo_id and not _is_repo_id(self.repo_id):
+            raise ParamsError(f"repo_id must look like 'owner/name' (letters, digits, '-', '_', '.'), "
+                              f"got {self.repo_id!r}.")
+
+    def _check_merge(self) -> None:
+        if self.merge_weights and not self.merge_with:
+            raise ParamsError("merge_weights is set but merge_with is empty: list the adapters to merge with "
+                              "adapter in merge_with, or clear merge_weights.")
+        if self.merge_weights and len(self.merge_weights) != 1 + len(self.merge_with):
+            raise ParamsError(f"merge_weights needs one weight for adapter and one for each of merge_with "
+                              f"({1 + len(self.merge_with)}), got {len(self.merge_weights)}.")
+        if not 0.0 < self.merge_density <= 1.0:
+            raise ParamsError(f"merge_density must be in (0, 1], got {self.merge_density}.")
+
+    def _check_fidelity(self) -> None:
+        if self.fidelity_rows < 1:
+            raise ParamsError(f"fidelity_rows must be >= 1, got {self.fidelity_rows}.")
+        if self.fidelity_max_tokens < 8:
+            raise ParamsError(f"fidelity_max_tokens must be >= 8, got {self.fidelity_max_tokens}.")
+        if self.max_logit_diff <= 0 or self.max_kl <= 0:
+            raise ParamsError("max_logit_diff and max_kl must be > 0 (they are the thresholds of the fidelity "
+                              "check, which always runs).")
+
+
+def _is_repo_id(name: str) -> bool:
+    owner, _, repo = name.partition("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return bool(owner and repo) and "/" not in repo and set(owner + repo) <= allowed
+
+
+@dataclass(frozen=True)
+class EvalMCQParams(ModelParams):
+    """Parameters of ``notebooks/eval_mcq.ipynb``: MCQ generation and VMLU-style answering, base vs fine-tuned."""
+
+    notebook: ClassVar[str] = "eval_mcq"
+
+    adapter: str = ""
+    compare_base: bool = True
+    dataset: str = "vinakit:mcq"
+    context_field: str = ""
+    holdout: bool = True
+    max_items: int = 200
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.9
+    key_agreement: bool = True
+    judge_model: str = ""
+    vmlu_dataset: str = "vinakit:vmlu"
+    vmlu_max_items: int = 0
+    near_duplicate_threshold: float = 0.8
+    show_examples: int = 5
+
+    def check(self) -> None:
+        super().check()
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ParamsError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.max_items < 0 or self.vmlu_max_items < 0 or self.show_examples < 0:
+            raise ParamsError("max_items, vmlu_max_items and show_examples must be >= 0 (0 = all / none).")
+        if self.max_new_tokens > self.max_seq_length - 64:
+            raise ParamsError(f"max_new_tokens ({self.max_new_tokens}) leaves too little of max_seq_length "
+                              f"({self.max_seq_length}) for the prompt: keep it below max_seq_length - 64.")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise ParamsError("Sampling needs temperature > 0 and top_p in (0, 1].")
+        if not 0 < self.near_duplicate_threshold <= 1:
+            raise ParamsError(f"near_duplicate_threshold must be in (0, 1], got {self.near_duplicate_threshold}.")
+
+
+# Stages of continued pretraining (EEVE-style staged unfreezing); what each one trains is in vinakit.cpt.
+CPT_STAGES = ("new_embeddings", "all_embeddings", "full")
+
+
+@dataclass(frozen=True)
+class CPTParams(LoraParams):
+    """Parameters of ``notebooks/cpt.ipynb``: continued pretraining on raw Vietnamese text.
+
+    ``stages`` lists ``name`` or ``name:steps`` entries run in order (``new_embeddings``: only the rows of the
+    added tokens; ``all_embeddings``: ``embed_tokens`` and ``lm_head``; ``full``: the body (LoRA or every
+    weight) and the embeddings). A stage without ``:steps`` trains ``max_steps`` steps when that is > 0, else
+    ``num_train_epochs`` epochs. Embeddings always train at ``embedding_learning_rate``, the body at
+    ``learning_rate``.
+    """
+
+    notebook: ClassVar[str] = "cpt"
+
+    dataset: str = "vinakit:corpus"
+    text_field: str = "text"
+    val_size: float = 0.05
+    learning_rate: float = 5e-5
+    embedding_learning_rate: float = 5e-6
+    group_by_length: bool = False
+    num_new_tokens: int = 0
+    new_token_min_count: int = 2
+    new_tokens: list[str] = field(default_factory=list)
+    stages: list[str] = field(default_factory=lambda: ["full"])
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "Hà Nội là thủ đô",
+        "Sông Hồng bắt nguồn từ",
+        "Phở là món ăn",
+    ])
+    max_new_tokens: int = 48
+
+    def check(self) -> None:
+        super().check()
+        if self.embedding_learning_rate < 0:
+            raise ParamsError(f"embedding_learning_rate must be >= 0 (0 freezes the embeddings), got "
+                              f"{self.embedding_learning_rate}.")
+        if self.num_new_tokens < 0 or self.new_token_min_count < 1:
+            raise ParamsError(f"num_new_tokens must be >= 0 and new_token_min_count >= 1, got "
+                              f"{self.num_new_tokens} and {self.new_token_min_count}.")
+        if self.val_size <= 0 or self.val_size > 0.5 and not float(self.val_size).is_integer():
+            raise ParamsError(f"val_size must be a fraction in (0, 0.5] or a whole number of documents, "
+                              f"got {self.val_size}.")
+        plan = self.stage_plan
+        adds_tokens = self.num_new_tokens > 0 or bool(self.new_tokens)
+        if any(name == "new_embeddings" for name, _ in plan) and not adds_tokens:
+            raise ParamsError("stage new_embeddings trains the rows of added tokens, but none are added: set "
+                              "num_new_tokens > 0 (or new_tokens), or remove the stage.")
+
+    @property
+    def stage_plan(self) -> list[tuple[str, int]]:
+        """``[(stage name, steps)]``; steps is -1 where the stage follows max_steps / num_train_epochs."""
+        if not self.stages:
+            raise ParamsError(f"stages must list at least one of {list(CPT_STAGES)}, e.g. ['full'].")
+        return [_parse_stage(entry) for entry in self.stages]
+
+    @property
+    def val_split(self) -> float | int:
+        """``val_size`` as a fraction, or a document count when >= 1."""
+        return int(self.val_size) if self.val_size >= 1 else self.val_size
+
+
+def _parse_stage(entry: str) -> tuple[str, int]:
+    name, _, steps = entry.strip().partition(":")
+    name = name.strip()
+    if name not in CPT_STAGES:
+        hint = _closest(name, CPT_STAGES)
+        suggestion = f" Did you mean {hint!r}?" if hint else ""
+        raise ParamsError(f"stages: unknown stage {name!r}.{suggestion} Use {list(CPT_STAGES)}, optionally with "
+                          f"a step count such as 'full:200'.")
+    if not steps.strip():
+        return name, -1
+    if not steps.strip().isdigit() or int(steps) < 1:
+        raise ParamsError(f"stages: {entry!r} needs a whole number of steps >= 1 after the colon, e.g. "
+                          f"'{name}:100'.")
+    return name, int(steps)
+
+
 NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
     "sft": SFTParams,
+    "cpt": CPTParams,
+    "eval_mcq": EvalMCQParams,
+    "export": ExportParams,
 }
 
 
