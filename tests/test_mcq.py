@@ -70,6 +70,13 @@ VALID_OUTPUTS = [
      "Câu hỏi: Một tuần có mấy ngày?\nA. 5\nB. 6\nC. 7\nD. 8\nĐáp án: C\n\nCâu hỏi: Một năm có mấy tháng?\n"
      "A. 10\nB. 11\nC. 12\nD. 13\nĐáp án: C",
      "Một tuần có mấy ngày?", ["5", "6", "7", "8"], "C"),
+    ("'Câu hỏi trắc nghiệm:' label and 'Đáp án đúng là đáp án D'",
+     "**Câu hỏi trắc nghiệm:** Bộ nhớ nào mất dữ liệu khi tắt máy?\nA. ROM\nB. Ổ cứng\nC. Thẻ nhớ\nD. RAM\n\n"
+     "Đáp án đúng là đáp án D vì RAM là bộ nhớ tạm thời.",
+     "Bộ nhớ nào mất dữ liệu khi tắt máy?", ["ROM", "Ổ cứng", "Thẻ nhớ", "RAM"], "D"),
+    ("two options per line, 'Câu 3.' label, bracketed labels and 'Đáp án - B'",
+     "Câu 3. Số nào lớn nhất?\n(A) Một    (B) Hai\n(C) Ba    (D) Bốn\nĐáp án - D",
+     "Số nào lớn nhất?", ["Một", "Hai", "Ba", "Bốn"], "D"),
     ("multi-line stem and 'Tất cả các đáp án trên' as an option",
      "Câu hỏi: Máy tính cá nhân\ngồm những bộ phận nào?\nA. CPU\nB. RAM\nC. Ổ cứng\nD. Tất cả các đáp án trên\n"
      "ĐÁP ÁN: D",

@@ -42,8 +42,8 @@ def _cpt_summary(cpt_dir: Path) -> str:
     import json
 
     metrics = json.loads((cpt_dir / "metrics.json").read_text(encoding="utf-8"))
-    return (f"    fertility (tokens/syllable, validation) {metrics['fertility_before']} -> {metrics['fertility_after']} "
-            f"with {metrics['new_tokens_added']} new tokens\n"
+    return (f"    fertility (tokens/syllable, validation) {metrics['fertility_before']} -> "
+            f"{metrics['fertility_after']} with {metrics['new_tokens_added']} new tokens\n"
             f"    validation perplexity {metrics['perplexity_before']:.1f} -> {metrics['perplexity_after']:.1f} "
             f"(per syllable {metrics['syllable_perplexity_before']:.1f} -> {metrics['syllable_perplexity_after']:.1f})")
 

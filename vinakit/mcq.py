@@ -65,12 +65,12 @@ _INLINE_LABEL = re.compile(r"(?:(?<=\s)|^)[(\[]?([A-E])[.):\]][ \t]+")
 _ANSWER_MARKER = re.compile(
     r"(?<!\w)(?:đáp\s*án|(?:câu\s*)?trả\s*lời|(?:the\s+)?(?:correct\s+)?answer)"
     r"(?:\s+(?:đúng|chính\s*xác|correct))?"
-    r"(?:\s*(?:[:：=]|\blà\b|\bis\b)(?:\s*(?:là\b|[:：]))?|(?=\s*[(\[]?[A-Ea-e](?!\w)))\s*",
+    r"(?:\s*(?:[:：=\-–]|\blà\b|\bis\b)(?:\s*(?:là\b|[:：]))?|(?=\s*[(\[]?[A-Ea-e](?!\w)))\s*",
     re.IGNORECASE)
-_QUESTION_LABEL = re.compile(r"^[ \t]*(?:câu\s*hỏi|question|câu)[ \t]*\d*[ \t]*[:.)\-–][ \t]*",
+_QUESTION_LABEL = re.compile(r"^[ \t]*(?:câu\s*hỏi(?:\s*trắc\s*nghiệm)?|question|câu)[ \t]*\d*[ \t]*[:.)\-–][ \t]*",
                              re.IGNORECASE | re.MULTILINE)
 _ANSWER_LETTER = re.compile(
-    r"[(\[]?\s*(?:(?:câu|phương\s*án|lựa\s*chọn|option|chọn|choice)\s+)?([A-Za-z])(?!\w)", re.IGNORECASE)
+    r"[(\[]?\s*(?:(?:câu|phương\s*án|đáp\s*án|lựa\s*chọn|option|chọn|choice)\s+)?([A-Za-z])(?!\w)", re.IGNORECASE)
 
 # "Tất cả các đáp án trên", "Cả A, B và C", "Không có đáp án nào đúng", "All of the above".
 _CATCH_ALL_OPTION = re.compile(

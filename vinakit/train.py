@@ -138,7 +138,8 @@ def training_arguments(params: Any, run: Run, *, has_eval: bool, **extra: Any) -
         bf16 = torch.cuda.is_bf16_supported()
         kwargs.update(bf16=bf16, fp16=not bf16)
     else:
-        kwargs.update(use_cpu=True)
+        # TRL's SFTConfig defaults to bf16 autocast; on a CPU the kit trains the float32 weights as loaded.
+        kwargs.update(use_cpu=True, bf16=False, fp16=False)
     kwargs.update(extra)
     if params.backend == "unsloth":
         from unsloth import UnslothTrainingArguments
