@@ -73,6 +73,14 @@ def count_tokens(tokenizer: Any, texts: Sequence[str]) -> int:
     return sum(len(ids) for ids in encoded)
 
 
+def _syllables_in(texts: list[str]) -> int:
+    """Syllables in ``texts``; fertility is undefined without any."""
+    syllables = sum(count_syllables(text) for text in texts)
+    if syllables == 0:
+        raise VinakitError("Cannot measure fertility: the texts hold no syllable (no letters or digits).")
+    return syllables
+
+
 def fertility(tokenizer: Any, texts: Iterable[str]) -> float:
     """Tokens per syllable of ``tokenizer`` on ``texts``.
 
@@ -87,9 +95,7 @@ def fertility(tokenizer: Any, texts: Iterable[str]) -> float:
         VinakitError: the texts hold no syllable.
     """
     texts = list(texts)
-    syllables = sum(count_syllables(text) for text in texts)
-    if syllables == 0:
-        raise VinakitError("Cannot measure fertility: the texts hold no syllable (no letters or digits).")
+    syllables = _syllables_in(texts)
     return count_tokens(tokenizer, texts) / syllables
 
 
@@ -143,9 +149,7 @@ def fertility_report(old_tokenizer: Any, new_tokenizer: Any, texts: Iterable[str
         VinakitError: the texts hold no syllable.
     """
     texts = list(texts)
-    syllables = sum(count_syllables(text) for text in texts)
-    if syllables == 0:
-        raise VinakitError("Cannot measure fertility: the texts hold no syllable (no letters or digits).")
+    syllables = _syllables_in(texts)
     before, after = count_tokens(old_tokenizer, texts), count_tokens(new_tokenizer, texts)
     return FertilityReport(before=before / syllables, after=after / syllables, syllables=syllables,
                            tokens_before=before, tokens_after=after, texts=len(texts))
