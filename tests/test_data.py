@@ -567,3 +567,23 @@ def test_corpus_of_only_empty_documents(tmp_path: Path) -> None:
 def test_txt_is_for_corpora_only() -> None:
     with pytest.raises(DataError, match="load_text_corpus"):
         load_chat_dataset(fixture("corpus.txt"))
+
+
+def test_read_rows_gives_another_schema_the_same_located_errors(tmp_path):
+    from vinakit.data import BadRow, read_rows
+
+    path = tmp_path / "contexts.jsonl"
+    path.write_text('{"context": "Hà Nội là thủ đô."}\n{"para": ""}\n{"context": "Huế có sông Hương."}\n',
+                    encoding="utf-8")
+
+    def to_item(row, line, cells_are_text):
+        if not row.get("context"):
+            raise BadRow("missing_field", "no context in this row", "context")
+        return {"context": row["context"], "line": line}, "context"
+
+    with pytest.raises(DataError) as error:
+        read_rows(path, to_item)
+    assert error.value.line == 2 and error.value.field == "context" and str(path) in str(error.value)
+    items, report, label = read_rows(path, to_item, skip_bad_rows=True)
+    assert [item["line"] for item in items] == [1, 3] and label == str(path)
+    assert report.rows_read == 3 and report.rows_used == 2 and report.skip_reasons["missing_field"] == 1

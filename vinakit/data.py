@@ -365,7 +365,7 @@ class _Table:
     label: str                       # the file path or dataset id that errors name
     description: str                 # what the report calls the source
     unit: str                        # "line" (jsonl, csv, txt) or "row" (json list, parquet, hub)
-    rows: Iterable[tuple[int, Any]]  # (1-based line or row, parsed row or a _BadRow)
+    rows: Iterable[tuple[int, Any]]  # (1-based line or row, parsed row or a BadRow)
     path: str | None = None
     sha256: str | None = None
     cells_are_text: bool = False     # csv: a list column arrives as a JSON string
@@ -378,8 +378,14 @@ class _Table:
         return f"{self.label}:{number}" if self.unit == "line" else f"{self.label}:row {number}"
 
 
-class _BadRow(Exception):
-    """One row that cannot be used; becomes a DataError (strict) or a counted skip."""
+class BadRow(Exception):
+    """One row that cannot be used; becomes a DataError (strict) or a counted skip.
+
+    Args:
+        reason: a short key the report counts skips by (e.g. "missing_field").
+        message: what is wrong with the row and what to do.
+        field: the field at fault, when one is.
+    """
 
     def __init__(self, reason: str, message: str, field: str | None = None) -> None:
         super().__init__(message)
@@ -472,7 +478,7 @@ def _jsonl_rows(text: str) -> list[tuple[int, Any]]:
         try:
             rows.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
-            rows.append((number, _BadRow("malformed_json",
+            rows.append((number, BadRow("malformed_json",
                                          f"malformed JSON ({exc.msg} at column {exc.colno})")))
     return rows
 
@@ -512,9 +518,9 @@ def _csv_rows(text: str, label: str) -> list[tuple[int, Any]]:
     return rows
 
 
-def _csv_row(header: list[str], cells: list[str]) -> dict[str, str] | _BadRow:
+def _csv_row(header: list[str], cells: list[str]) -> dict[str, str] | BadRow:
     if len(cells) != len(header):
-        return _BadRow("wrong_field_count", f"has {len(cells)} fields but the header has "
+        return BadRow("wrong_field_count", f"has {len(cells)} fields but the header has "
                        f"{len(header)}; put fields that contain commas in double quotes")
     return dict(zip(header, cells))
 
@@ -569,6 +575,33 @@ def _hub_table(dataset_id: str) -> _Table:
 # --- row loop -------------------------------------------------------------------------------------
 
 
+def read_rows(source: str | Path, convert: Callable[[Any, int, bool], tuple[Any, str]], *,
+              suffixes: tuple[str, ...] = CHAT_SUFFIXES, skip_bad_rows: bool = False, normalize: bool = True,
+              tone_style: str = "old") -> tuple[list[Any], DataReport, str]:
+    """Read rows of another schema (evaluation contexts, VMLU questions) with the kit's located errors.
+
+    Args:
+        source: a local file, a ``vinakit:`` alias or a hub dataset id, as for :func:`load_chat_dataset`.
+        convert: ``convert(row, line, cells_are_text) -> (item, format)`` for one parsed row; it raises
+            :class:`BadRow` for a row it cannot use and may return ``(None, reason)`` to drop one.
+            ``cells_are_text`` is true for CSV, where a list column arrives as a JSON string.
+        suffixes: the file endings accepted.
+        skip_bad_rows: skip and count bad rows instead of raising a DataError naming file, line and field.
+        normalize: recorded in the report (``convert`` normalises what it keeps).
+        tone_style: recorded in the report.
+
+    Returns:
+        The kept items, the data report, and the label errors use for the source.
+    """
+    options = _RowOptions(skip_bad_rows, normalize, tone_style, None)
+    table = _open_source(source, suffixes)
+    report = table.new_report(options)
+    table.rows = [(number, row if isinstance(row, BadRow) else (number, row)) for number, row in table.rows]
+    items = _collect(table, lambda numbered: convert(numbered[1], numbered[0], table.cells_are_text), report,
+                     options)
+    return items, report, table.label
+
+
 def _collect(table: _Table, convert: Callable[[Any], tuple[Any, str]], report: DataReport,
              options: _RowOptions) -> list[Any]:
     """Converts every row; bad rows raise (strict) or are counted; None results are dropped."""
@@ -578,10 +611,10 @@ def _collect(table: _Table, convert: Callable[[Any], tuple[Any, str]], report: D
             break
         report.rows_read += 1
         try:
-            if isinstance(row, _BadRow):
+            if isinstance(row, BadRow):
                 raise row
             result, kind = convert(row)
-        except _BadRow as bad:
+        except BadRow as bad:
             if not options.skip_bad_rows:
                 raise _located_error(bad, table, number) from None
             where = f"{table.locate(number)}: {bad.field}" if bad.field else table.locate(number)
@@ -596,7 +629,7 @@ def _collect(table: _Table, convert: Callable[[Any], tuple[Any, str]], report: D
     return kept
 
 
-def _located_error(bad: _BadRow, table: _Table, number: int) -> DataError:
+def _located_error(bad: BadRow, table: _Table, number: int) -> DataError:
     error = DataError(f"{bad.message}. {_SKIP_HINT}", path=table.label, line=number, field=bad.field)
     if table.unit == "row":
         # DataError always says "line"; a JSON list, parquet file or hub dataset has rows
@@ -636,10 +669,10 @@ def _load_chat_rows(source: str | Path, text_field: str | None,
 def _chat_messages(row: Any, text_field: str | None, cells_are_text: bool) -> tuple[list[dict], str]:
     """Returns the row's messages (each with a "_field" path for errors) and its format name."""
     if not isinstance(row, dict):
-        raise _BadRow("wrong_type", f"expected an object (a conversation), got {_type_name(row)}")
+        raise BadRow("wrong_type", f"expected an object (a conversation), got {_type_name(row)}")
     if text_field is not None:
         if text_field not in row:
-            raise _BadRow("missing_field", f"no field {text_field!r} (text_field); the row has "
+            raise BadRow("missing_field", f"no field {text_field!r} (text_field); the row has "
                           f"{', '.join(map(repr, row))}", text_field)
         turns = _as_list(row[text_field], text_field, cells_are_text)
         sharegpt = bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
@@ -655,7 +688,7 @@ def _chat_messages(row: Any, text_field: str | None, cells_are_text: bool) -> tu
     if any(name in row for name in (*_MCQ_OPTION_FIELDS, "correct_answer", "answer_key")):
         schema = "mcq_para" if "para" in row or "answer_key" in row else "mcq_context"
         return _mcq_messages(row, schema), schema
-    raise _BadRow("unknown_format", "matches no known format; expected 'messages', 'conversations', "
+    raise BadRow("unknown_format", "matches no known format; expected 'messages', 'conversations', "
                   "'instruction'/'output' or an MCQ row (context, question, answer_a..answer_d, "
                   f"correct_answer); the row has {', '.join(map(repr, row)) or 'no fields'}")
 
@@ -665,9 +698,9 @@ def _as_list(value: Any, name: str, cells_are_text: bool) -> list[Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise _BadRow("wrong_type", f"{name!r} must be a JSON list of turns", name) from None
+            raise BadRow("wrong_type", f"{name!r} must be a JSON list of turns", name) from None
     if not isinstance(value, list):
-        raise _BadRow("wrong_type", f"{name!r} must be a list of turns, got {_type_name(value)}", name)
+        raise BadRow("wrong_type", f"{name!r} must be a list of turns, got {_type_name(value)}", name)
     return value
 
 
@@ -678,22 +711,22 @@ def _turns(turns: list[Any], name: str, sharegpt: bool) -> list[dict[str, Any]]:
     for index, turn in enumerate(turns):
         where = f"{name}[{index}]"
         if not isinstance(turn, dict):
-            raise _BadRow("wrong_type", f"a turn must be an object, got {_type_name(turn)}", where)
+            raise BadRow("wrong_type", f"a turn must be an object, got {_type_name(turn)}", where)
         for key in (role_key, content_key):
             if key not in turn:
-                raise _BadRow("missing_field", f"turn {index} has no {key!r}", f"{where}.{key}")
+                raise BadRow("missing_field", f"turn {index} has no {key!r}", f"{where}.{key}")
         role = roles.get(turn[role_key].strip().lower()) if isinstance(turn[role_key], str) else None
         if role is None:
-            raise _BadRow("unknown_role", f"unknown role {turn[role_key]!r}; use one of "
+            raise BadRow("unknown_role", f"unknown role {turn[role_key]!r}; use one of "
                           f"{', '.join(roles)}", f"{where}.{role_key}")
         if not isinstance(turn[content_key], str):
-            raise _BadRow("wrong_type", f"content must be a string, got {_type_name(turn[content_key])}",
+            raise BadRow("wrong_type", f"content must be a string, got {_type_name(turn[content_key])}",
                           f"{where}.{content_key}")
         message = {"role": role, "content": turn[content_key], "_field": f"{where}.{content_key}"}
         # Arrow (parquet, hub) gives every turn every key, so an absent "train" arrives as None
         if turn.get("train") is not None:
             if not isinstance(turn["train"], bool):
-                raise _BadRow("wrong_type", f"'train' must be true or false, got {turn['train']!r}",
+                raise BadRow("wrong_type", f"'train' must be true or false, got {turn['train']!r}",
                               f"{where}.train")
             message["train"] = turn["train"]
         messages.append(message)
@@ -721,7 +754,7 @@ def _mcq_messages(row: dict[str, Any], schema: str) -> list[dict[str, Any]]:
     key = _required_text(row, key_field, numbers_ok=True)  # a number key is a bad key, not a type error
     match = _MCQ_KEY.fullmatch(key.strip())
     if match is None:
-        raise _BadRow("bad_mcq_key", f"answer key {key!r} is not one of A, B, C, D", key_field)
+        raise BadRow("bad_mcq_key", f"answer key {key!r} is not one of A, B, C, D", key_field)
     return [
         {"role": "user", "content": mcq_user_prompt(context), "_field": context_field},
         {"role": "assistant", "content": format_mcq(question, options, match.group(1)),
@@ -732,7 +765,7 @@ def _mcq_messages(row: dict[str, Any], schema: str) -> list[dict[str, Any]]:
 def _required_text(row: dict[str, Any], name: str, numbers_ok: bool = False) -> str:
     text = _text_or_empty(row, name, required=True, numbers_ok=numbers_ok)
     if not text.strip():
-        raise _BadRow("empty_field", f"{name!r} is empty", name)
+        raise BadRow("empty_field", f"{name!r} is empty", name)
     return text
 
 
@@ -741,12 +774,12 @@ def _text_or_empty(row: dict[str, Any], name: str, required: bool = False,
     value = row.get(name)
     if value is None or (isinstance(value, float) and math.isnan(value)):  # pandas writes NaN
         if required:
-            raise _BadRow("missing_field", f"missing field {name!r}", name)
+            raise BadRow("missing_field", f"missing field {name!r}", name)
         return ""
     if numbers_ok and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a JSON option such as 1945 is still an option
     if not isinstance(value, str):
-        raise _BadRow("wrong_type", f"{name!r} must be a string, got {_type_name(value)}", name)
+        raise BadRow("wrong_type", f"{name!r} must be a string, got {_type_name(value)}", name)
     return value
 
 
@@ -762,10 +795,10 @@ def _normalize_messages(messages: list[dict[str, Any]], options: _RowOptions) ->
 def _check_assistant_turns(messages: list[dict[str, Any]]) -> None:
     assistant = [m for m in messages if m["role"] == "assistant"]
     if not assistant:
-        raise _BadRow("no_assistant_turn", "the conversation has no assistant turn to learn from")
+        raise BadRow("no_assistant_turn", "the conversation has no assistant turn to learn from")
     for message in assistant:
         if not message["content"].strip():
-            raise _BadRow("empty_assistant", "the assistant turn is empty", message["_field"])
+            raise BadRow("empty_assistant", "the assistant turn is empty", message["_field"])
 
 
 def _without_field_path(message: dict[str, Any]) -> dict[str, Any]:
@@ -787,16 +820,16 @@ def _corpus_document(row: Any, text_field: str, options: _RowOptions,
         text = row
     elif isinstance(row, dict):
         if text_field not in row:
-            raise _BadRow("missing_field", f"no field {text_field!r}; set text_field to the column "
+            raise BadRow("missing_field", f"no field {text_field!r}; set text_field to the column "
                           f"that holds the text (the row has {', '.join(map(repr, row))})", text_field)
         text = row[text_field]
         if text is None:
             text = ""
         if not isinstance(text, str):
-            raise _BadRow("wrong_type", f"{text_field!r} must be a string, got {_type_name(text)}",
+            raise BadRow("wrong_type", f"{text_field!r} must be a string, got {_type_name(text)}",
                           text_field)
     else:
-        raise _BadRow("wrong_type", f"expected an object with {text_field!r}, got {_type_name(row)}")
+        raise BadRow("wrong_type", f"expected an object with {text_field!r}, got {_type_name(row)}")
     if options.normalize:
         (normalized,), stats = normalize_with_counts([text], options.tone_style)
         if normalized.strip():

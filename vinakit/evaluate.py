@@ -218,20 +218,17 @@ def load_items(params: EvalMCQParams, run: Run, trained: TrainedModel) -> EvalIt
 def _read_context_rows(params: EvalMCQParams) -> tuple[list[dict[str, Any]], Any]:
     from vinakit import data
 
-    options = data._RowOptions(params.skip_bad_rows, params.normalize_text, params.tone_style, None)
-    table = data._open_source(params.dataset, (*data.CHAT_SUFFIXES, ".txt"))
-    report = table.new_report(options)
-    table.rows = [(number, _with_line(row, number)) for number, row in table.rows]
-
-    def to_item(row: Any) -> tuple[dict[str, Any], str]:
-        item = _context_item(row, params, data)
+    def to_item(row: Any, line: int, cells_are_text: bool) -> tuple[dict[str, Any], str]:
+        item = _context_item(_with_line(row, line), params, data)
         return item, "mcq" if item["reference_question"] else "context"
 
-    rows = data._collect(table, to_item, report, options)
+    rows, report, label = data.read_rows(params.dataset, to_item, suffixes=(*data.CHAT_SUFFIXES, ".txt"),
+                                         skip_bad_rows=params.skip_bad_rows, normalize=params.normalize_text,
+                                         tone_style=params.tone_style)
     report.train_rows = len(rows)
     if not rows:
         raise DataError(f"no usable contexts: all {report.rows_read} rows were skipped "
-                        f"({dict(report.skip_reasons)})", path=table.label)
+                        f"({dict(report.skip_reasons)})", path=label)
     return rows, report
 
 
@@ -245,13 +242,13 @@ def _with_line(row: Any, number: int) -> Any:
 def _context_item(row: Any, params: EvalMCQParams, data: Any) -> dict[str, Any]:
     """One source row as an item, with its gold MCQ when it has one."""
     if not isinstance(row, dict):
-        raise data._BadRow("wrong_type", f"a row must be an object with a context, got {type(row).__name__}")
+        raise data.BadRow("wrong_type", f"a row must be an object with a context, got {type(row).__name__}")
     row = dict(row)
     line = row.pop(_LINE, None)
     field_name = _context_field(row, params.context_field, data)
     context = row.get(field_name)
     if not isinstance(context, str) or not context.strip():
-        raise data._BadRow("empty_context", f"empty context in column {field_name!r}; give a passage or remove "
+        raise data.BadRow("empty_context", f"empty context in column {field_name!r}; give a passage or remove "
                                             f"the row", field_name)
     gold = _gold_mcq(row)
     clean = _normalizer(params)
@@ -271,12 +268,12 @@ def _context_item(row: Any, params: EvalMCQParams, data: Any) -> dict[str, Any]:
 def _context_field(row: dict[str, Any], wanted: str, data: Any) -> str:
     if wanted:
         if wanted not in row:
-            raise data._BadRow("missing_field", f"no column {wanted!r} (context_field); the row has columns "
+            raise data.BadRow("missing_field", f"no column {wanted!r} (context_field); the row has columns "
                                                 f"{sorted(row)}", wanted)
         return wanted
     found = next((name for name in CONTEXT_FIELDS if name in row), None)
     if found is None:
-        raise data._BadRow("missing_field", f"no context column: expected 'context' or 'para' (or set "
+        raise data.BadRow("missing_field", f"no context column: expected 'context' or 'para' (or set "
                                             f"context_field to the column holding the passages); the row has "
                                             f"columns {sorted(row)}", "context")
     return found
@@ -402,14 +399,12 @@ def load_vmlu(params: EvalMCQParams, run: Run) -> VmluItems:
     from vinakit import data
 
     source: str | Path = VMLU_SAMPLE_FILE if params.vmlu_dataset == VMLU_SAMPLE else params.vmlu_dataset
-    options = data._RowOptions(params.skip_bad_rows, params.normalize_text, params.tone_style, None)
-    table = data._open_source(source, data.CHAT_SUFFIXES)
-    report = table.new_report(options)
     clean = _normalizer(params)
-    rows = data._collect(table, lambda row: (_vmlu_item(row, clean, table.cells_are_text, data), "vmlu"),
-                         report, options)
+    rows, report, label = data.read_rows(
+        source, lambda row, line, cells_are_text: (_vmlu_item(row, clean, cells_are_text, data), "vmlu"),
+        skip_bad_rows=params.skip_bad_rows, normalize=params.normalize_text, tone_style=params.tone_style)
     if not rows:
-        raise DataError(f"no usable questions ({dict(report.skip_reasons)})", path=table.label)
+        raise DataError(f"no usable questions ({dict(report.skip_reasons)})", path=label)
     if params.vmlu_max_items:
         rows = rows[:params.vmlu_max_items]
     report.train_rows = len(rows)
@@ -419,17 +414,17 @@ def load_vmlu(params: EvalMCQParams, run: Run) -> VmluItems:
 
 def _vmlu_item(row: Any, clean: Any, cells_are_text: bool, data: Any) -> dict[str, Any]:
     if not isinstance(row, dict):
-        raise data._BadRow("wrong_type", f"a row must be an object, got {type(row).__name__}")
+        raise data.BadRow("wrong_type", f"a row must be an object, got {type(row).__name__}")
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise data._BadRow("missing_field", "no question", "question")
+        raise data.BadRow("missing_field", "no question", "question")
     choices = _vmlu_choices(row.get("choices"), cells_are_text, data)
     answer = str(row.get("answer") or "").strip().strip("().:").upper()
     if not answer:
-        raise data._BadRow("no_answer_key", "no answer key (VMLU's test split has no public keys: use its dev or "
+        raise data.BadRow("no_answer_key", "no answer key (VMLU's test split has no public keys: use its dev or "
                                             "valid split)", "answer")
     if answer not in VMLU_LETTERS[:len(choices)]:
-        raise data._BadRow("bad_answer_key", f"answer {answer!r} is not one of the {len(choices)} choices", "answer")
+        raise data.BadRow("bad_answer_key", f"answer {answer!r} is not one of the {len(choices)} choices", "answer")
     return {"subject": str(row.get("subject") or "unknown"), "question": clean(question.strip()),
             "choices": [clean(choice) for choice in choices], "answer": answer}
 
@@ -441,14 +436,14 @@ def _vmlu_choices(value: Any, cells_are_text: bool, data: Any) -> list[str]:
         except ValueError:
             pass
     if not isinstance(value, list) or not 2 <= len(value) <= len(VMLU_LETTERS):
-        raise data._BadRow("bad_choices", f"choices must be a list of 2 to {len(VMLU_LETTERS)} strings", "choices")
+        raise data.BadRow("bad_choices", f"choices must be a list of 2 to {len(VMLU_LETTERS)} strings", "choices")
     choices = []
     for letter, choice in zip(VMLU_LETTERS, value):
         text = str(choice).strip()
         for label in (f"{letter}.", f"{letter})", f"{letter}:"):
             text = text[len(label):].strip() if text.startswith(label) else text  # VMLU writes "A. ..."
         if not text:
-            raise data._BadRow("bad_choices", f"choice {letter} is empty", "choices")
+            raise data.BadRow("bad_choices", f"choice {letter} is empty", "choices")
         choices.append(text)
     return choices
 
