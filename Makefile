@@ -9,7 +9,7 @@ STAMP := $(VENV)/.vinakit-installed
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test clean-cache
+.PHONY: setup demo test clean-cache gpu-wheels gpu-install gpu-check
 
 setup: $(STAMP)
 
@@ -46,3 +46,26 @@ test: setup
 
 clean-cache:
 	rm -rf ~/.cache/vinakit
+
+# ---- The GPU check (see bench/gpu_check.py and bench/README.md) ------------------------------------------------
+# Here, with network: download the wheels a GPU machine without network lacks, in parts of <= 60 MiB (.whl/part-N).
+gpu-wheels: setup
+	$(PY) bench/gpu_wheels.py
+
+# On the GPU machine: install the wheels of every carried part into GPU_SITE (kept while the machine stays warm).
+GPU_SITE ?= /tmp/vinakit-gpu-site
+PART ?= .whl
+gpu-install:
+	@wheels=$$(find $(PART) -name '*.whl' 2>/dev/null); \
+	if [ -n "$$wheels" ]; then python3 -m pip install -q --no-index --no-deps --target $(GPU_SITE) $$wheels; \
+	  echo "vinakit gpu-install: $$(echo $$wheels | wc -w) wheels into $(GPU_SITE)"; \
+	else echo "vinakit gpu-install: no wheels under $(PART)"; fi
+
+# DRY_RUN=1: the same steps on tiny-vi on a CPU (CI runs this). Otherwise the real check on an NVIDIA GPU.
+ifeq ($(DRY_RUN),1)
+gpu-check: setup
+	$(PY) bench/gpu_check.py --dry-run
+else
+gpu-check: gpu-install
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) python3 bench/gpu_check.py
+endif

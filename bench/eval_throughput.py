@@ -15,6 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -23,7 +24,8 @@ def mcq_prompts(n: int) -> list[str]:
     """``n`` MCQ-writing prompts from the embedded MCQ set (contexts repeat when n exceeds them)."""
     import csv
 
-    from vinakit.data import mcq_user_prompt, sample_path
+    from vinakit.data import mcq_user_prompt
+    from vinakit.sources import sample_path
 
     with open(sample_path("vinakit:mcq"), encoding="utf-8-sig", newline="") as handle:
         contexts = list(dict.fromkeys(row["context"] for row in csv.DictReader(handle)))
@@ -47,26 +49,37 @@ def timed(model, tokenizer, prompts: list[str], *, batch_size: int, max_new_toke
     return seconds, tokens
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def generation_parser(description: str) -> argparse.ArgumentParser:
+    """The options of both generation benchmarks: model, backend, prompts, batch size and token budget."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="tiny-vi", help="model name or folder (default: the embedded tiny-vi)")
     parser.add_argument("--backend", default="hf", choices=["hf", "unsloth"])
     parser.add_argument("--n", type=int, default=32, help="number of prompts")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--load-in-4bit", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def load_model_and_prompts(args: argparse.Namespace) -> tuple[Any, Any, list[str]]:
+    """The model for inference and the MCQ prompts; prints the set-up line."""
     import torch
 
-    from vinakit.model import device_summary, load_for_inference
+    from vinakit.device import device_summary
+    from vinakit.model import load_for_inference
 
     model, tokenizer = load_for_inference(args.model, backend=args.backend, max_seq_length=2048,
                                           load_in_4bit=args.load_in_4bit)
-    prompts = mcq_prompts(args.n)
     device = device_summary()
     print(f"model {args.model} ({args.backend}) on {device['device_type']} {device['device_name']}, "
-          f"torch threads {torch.get_num_threads()}; {args.n} prompts, max_new_tokens {args.max_new_tokens}")
+          f"torch threads {torch.get_num_threads()}; {args.n} prompts, batch {args.batch_size}, "
+          f"max_new_tokens {args.max_new_tokens}")
+    return model, tokenizer, mcq_prompts(args.n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = generation_parser(__doc__.splitlines()[0]).parse_args(argv)
+    model, tokenizer, prompts = load_model_and_prompts(args)
     timed(model, tokenizer, prompts[:2], batch_size=2, max_new_tokens=8)  # warm-up: first-call costs
     one_s, one_tokens = timed(model, tokenizer, prompts, batch_size=1, max_new_tokens=args.max_new_tokens)
     print(f"one prompt at a time: {one_s:.2f} s, {one_tokens} tokens, {one_tokens / one_s:.0f} tokens/s")

@@ -11,8 +11,11 @@ import pytest
 
 from vinakit import cpt
 from vinakit.errors import DataError, ParamsError
+from vinakit.fidelity import max_logit_difference
+from vinakit.packing import pack_documents
 from vinakit.params import CPTParams
 from vinakit.record import start_run
+from vinakit.stages import STAGE_FILE
 
 CORPUS_DOCS = [
     "Hà Nội là thủ đô của Việt Nam, nằm bên bờ sông Hồng.",
@@ -124,7 +127,7 @@ def test_corpus_is_normalised_deduplicated_and_split(tmp_path: Path):
     (b'{"text": 12}\n{"text": 13}\n', "so.jsonl", "must be a string"),
     (b'{"noi_dung": "Xin ch\xc3\xa0o"}\n', "cot.jsonl", "text_field"),
     (b"1 2 3\n\n4 5 6\n\n7, 8.\n", "so.txt", "no letters"),
-    ("Chỉ một tài liệu về Hà Nội.\n".encode(), "mot.txt", "cannot give"),
+    ("Chỉ một tài liệu về Hà Nội.\n".encode(), "mot.txt", "would leave no training documents"),
 ])
 def test_bad_corpora_get_errors_that_name_the_fix(tmp_path: Path, content: bytes, name: str, message: str):
     path = tmp_path / name
@@ -143,7 +146,7 @@ def test_packing_ends_documents_with_eos_and_restarts_positions(tiny_dir: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     encoded = [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in CORPUS_DOCS]
-    blocks = cpt.pack_documents(tokenizer, CORPUS_DOCS, 32, isolate=True)
+    blocks = pack_documents(tokenizer, CORPUS_DOCS, 32, isolate=True)
     stream = [t for block, labels in zip(blocks.input_ids, blocks.labels) for t, l in zip(block, labels) if l != -100]
     assert stream == [t for ids in encoded for t in (*ids, tokenizer.eos_token_id)]
     assert all(len(block) == 32 for block in blocks.input_ids)
@@ -159,7 +162,7 @@ def test_packing_ends_documents_with_eos_and_restarts_positions(tiny_dir: Path):
     # padding only at the end of the last block, never trained
     padded = blocks.labels[-1].count(-100)
     assert blocks.input_ids[-1][32 - padded:] == [tokenizer.pad_token_id] * padded
-    assert cpt.pack_documents(tokenizer, CORPUS_DOCS, 32, isolate=False).position_ids is None
+    assert pack_documents(tokenizer, CORPUS_DOCS, 32, isolate=False).position_ids is None
 
 
 def test_packing_the_embedded_corpus_wastes_under_one_percent(tiny_dir: Path):
@@ -169,10 +172,65 @@ def test_packing_the_embedded_corpus_wastes_under_one_percent(tiny_dir: Path):
 
     documents, _ = load_text_corpus("vinakit:corpus")
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    train = cpt.pack_documents(tokenizer, documents, 512, isolate=True, drop_last=True)
+    train = pack_documents(tokenizer, documents, 512, isolate=True, drop_last=True)
     assert train.nonpad_share >= 0.99 and train.dropped_tokens < 512
-    padded = cpt.pack_documents(tokenizer, documents, 512, isolate=True)
+    padded = pack_documents(tokenizer, documents, 512, isolate=True)
     assert padded.real_tokens == train.real_tokens + train.dropped_tokens and len(padded) == len(train) + 1
+
+
+def test_both_collators_count_real_tokens_the_same_way(tiny_dir: Path):
+    from transformers import AutoTokenizer
+
+    from vinakit.packing import PackedCollator
+    from vinakit.train import PaddingCountingCollator
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    blocks = pack_documents(tokenizer, CORPUS_DOCS, 32, isolate=True)
+    packed = PackedCollator(isolate=True)
+    batch = packed(blocks.rows())
+    assert "attention_mask" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
+    assert (packed.real_tokens, packed.padded_tokens) == (blocks.real_tokens, 32 * len(blocks))
+    assert packed.nonpad_share == pytest.approx(blocks.nonpad_share)
+    padding = PaddingCountingCollator(tokenizer.pad_token_id)
+    assert padding.nonpad_share is None
+    padding([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [5], "labels": [5]}])
+    assert (padding.real_tokens, padding.padded_tokens, padding.nonpad_share) == (4, 6, 4 / 6)
+
+
+# ------------------------------------------------------------------------------------------------ corpus split
+
+
+def test_documents_and_chat_rows_share_one_seeded_split(tmp_path: Path):
+    from vinakit.data import split_rows
+    from vinakit.runs import load_cpt_corpus
+
+    documents = [f"Tài liệu số {n} về lịch sử Việt Nam." for n in range(20)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(documents + documents[:3]), encoding="utf-8")  # three exact duplicates
+    params = CPTParams(dataset=str(corpus), val_size=0.1, seed=3407)
+    train, validation, report, duplicates = load_cpt_corpus(params)
+    assert duplicates == 3 and report.skip_reasons["duplicate_document"] == 3
+    assert (train, validation) == split_rows(documents, 0.1, 3407)
+    assert len(validation) == 2 and sorted(train + validation) == sorted(documents)
+    assert [documents.index(doc) for doc in validation] == sorted(documents.index(doc) for doc in validation)
+    assert split_rows(documents, 3, 1) != split_rows(documents, 3, 2)
+
+
+# ------------------------------------------------------------------------------------------------ completions
+
+
+def test_completions_are_batched_like_one_at_a_time_and_keep_training_mode():
+    from vinakit.generation import complete
+    from vinakit.tiny import load_tiny
+
+    model, tokenizer = load_tiny()
+    model.train()
+    model.config.use_cache = False  # as CPT leaves it during training
+    prompts = ["Hà Nội là", "Sông Hồng bắt nguồn từ vùng núi", "Phở"]  # lengths differ: left padding
+    batched = complete(model, tokenizer, prompts, backend="hf", max_new_tokens=6, batch_size=2)
+    alone = [complete(model, tokenizer, [prompt], backend="hf", max_new_tokens=6)[0] for prompt in prompts]
+    assert batched == alone and all(text.startswith(prompt) for text, prompt in zip(batched, prompts))
+    assert model.training and complete(model, tokenizer, [], backend="hf") == []
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -203,7 +261,7 @@ def test_stages_embedding_group_and_update_norms(backend: str, tmp_path_factory:
     for index, stage in enumerate(stages, start=1):
         folder = Path(stage["folder"])
         assert folder.name == f"{index:02d}-{stage['name']}"
-        assert (folder / "adapter" / "adapter_config.json").is_file() and (folder / cpt.STAGE_FILE).is_file()
+        assert (folder / "adapter" / "adapter_config.json").is_file() and (folder / STAGE_FILE).is_file()
 
 
 def test_embeddings_do_not_move_at_embedding_learning_rate_zero(backend: str, tmp_path: Path):
@@ -221,7 +279,7 @@ def test_embeddings_do_not_move_at_embedding_learning_rate_zero(backend: str, tm
 def test_tied_embeddings_are_trained_as_one_matrix_and_stay_tied(backend: str, tmp_path: Path):
     import torch
 
-    from vinakit.model import load_tiny
+    from vinakit.tiny import load_tiny
 
     model, tokenizer = load_tiny()
     model.config.tie_word_embeddings = True
@@ -254,7 +312,7 @@ def test_saved_model_is_a_plain_folder_equal_to_the_trained_model(backend: str,
     assert folder == trained.run.path / "model" and (trained.run.path / "adapter").is_dir()
     assert trained.metrics["merge_max_logit_diff"] < 1e-3
     loaded, loaded_tokenizer = model_lib.load_model(str(folder), backend="hf", max_seq_length=64)
-    assert cpt.max_logit_difference(trained.model, loaded, tokenizer) < 1e-3
+    assert max_logit_difference(trained.model, loaded, tokenizer) < 1e-3
     word = trained.vocabulary.added[0]
     assert loaded_tokenizer(" " + word.word, add_special_tokens=False)["input_ids"] == [word.token_id]
     assert loaded.get_input_embeddings().weight.shape[0] == len(loaded_tokenizer)
@@ -320,4 +378,4 @@ def test_full_finetuning_stages_and_saves_a_model_folder(tmp_path: Path):
     assert (Path(first["folder"]) / "model" / "config.json").is_file()
     folder = cpt.save_model(trained.params, trained.model, trained.vocabulary.tokenizer, trained.run)
     loaded, _ = model_lib.load_model(str(folder), backend="hf", max_seq_length=64)
-    assert cpt.max_logit_difference(trained.model, loaded, trained.vocabulary.tokenizer) < 1e-4
+    assert max_logit_difference(trained.model, loaded, trained.vocabulary.tokenizer) < 1e-4

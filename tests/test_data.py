@@ -19,9 +19,9 @@ from vinakit.data import (
     load_chat_dataset,
     load_text_corpus,
     mcq_user_prompt,
-    sample_path,
 )
 from vinakit.errors import DataError, ParamsError
+from vinakit.sources import sample_path
 from vinakit.text import normalize_vietnamese
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -570,7 +570,7 @@ def test_txt_is_for_corpora_only() -> None:
 
 
 def test_read_rows_gives_another_schema_the_same_located_errors(tmp_path):
-    from vinakit.data import BadRow, read_rows
+    from vinakit.sources import BadRow, read_rows
 
     path = tmp_path / "contexts.jsonl"
     path.write_text('{"context": "Hà Nội là thủ đô."}\n{"para": ""}\n{"context": "Huế có sông Hương."}\n',

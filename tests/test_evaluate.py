@@ -138,6 +138,20 @@ def test_adapter_of_another_base_model_is_a_clear_error(tmp_path: Path):
     assert found.weights_dir == tmp_path / "run" / "adapter" and found.run_dir is None
 
 
+def test_holdout_rows_are_the_sft_run_s_own_validation_split(tmp_path: Path):
+    """The split is re-created through vinakit.runs with the run's own seed, size and tone style."""
+    from vinakit import evaluate
+    from vinakit.params import SFTParams
+    from vinakit.runs import load_sft_data
+
+    sft = SFTParams.validate({"dataset": "vinakit:mcq", "val_size": 0.2, "seed": 7, "tone_style": "new"})
+    trained = evaluate.TrainedModel(weights_dir=tmp_path, run_dir=tmp_path, base_model="tiny-vi",
+                                    sft_params=sft.to_dict())
+    params = make_params(tmp_path, dataset="vinakit:mcq")
+    items = evaluate.load_items(params, start_run(params), trained)
+    assert len(items) == len(load_sft_data(sft).validation) and "val_size=0.2, seed=7" in items.note
+
+
 # --- letter scoring ----------------------------------------------------------------------------------------------
 
 

@@ -326,7 +326,8 @@ def test_missing_local_folder_and_bad_options_raise_actionable_errors(tmp_path: 
 
 
 def test_target_modules_expand_and_reject_typos() -> None:
-    from vinakit.model import add_lora, load_tiny, lora_target_modules
+    from vinakit.model import add_lora, lora_target_modules
+    from vinakit.tiny import load_tiny
 
     model, _ = load_tiny()
     assert lora_target_modules(model, "all-linear") == ALL_LINEAR_NAMES  # never lm_head by default
@@ -341,18 +342,19 @@ def test_target_modules_expand_and_reject_typos() -> None:
 def test_dtype_and_device_summary_on_this_machine() -> None:
     import torch
 
-    from vinakit.model import device_summary, pick_dtype
+    from vinakit.device import device_summary
+    from vinakit.model import pick_dtype
 
     assert pick_dtype("bf16") is torch.bfloat16 and pick_dtype(torch.float16) is torch.float16
     summary = device_summary()
     json.dumps(summary)
-    assert summary["torch_version"] == torch.__version__
+    assert summary["torch_version"] == torch.__version__ and summary["memory_gib"] > 0
     if not torch.cuda.is_available():
         assert pick_dtype() is torch.float32
         assert summary["device_type"] == "cpu" and summary["dtype"] == "float32"
-        assert summary["bf16_supported"] is False and summary["device_count"] == 0
+        assert summary["native_bf16"] is False and summary["device_count"] == 0
     else:
-        assert summary["device_type"] == "cuda" and summary["memory_total_gb"] > 0
+        assert summary["device_type"] == "cuda" and summary["capability"]
 
 
 def test_importing_the_module_stays_cheap() -> None:
@@ -365,3 +367,13 @@ def test_importing_the_module_stays_cheap() -> None:
                             cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONPATH": "."})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_display_names_are_short_and_never_machine_paths(tmp_path: Path) -> None:
+    from vinakit.model import display_name
+    from vinakit.tiny import tiny_model_dir
+
+    assert display_name("unsloth/Llama-3.2-1B-Instruct") == "Llama-3.2-1B-Instruct"
+    assert display_name(str(tmp_path / "outputs" / "cpt-20261129-1655" / "model")) == "cpt-20261129-1655/model"
+    assert display_name(str(tiny_model_dir())) == "tiny-vi" and display_name("tiny-vi") == "tiny-vi"
+    assert display_name("/data/models/vistral-7b/") == "vistral-7b"

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from vinakit.errors import RunFolderExistsError
+from vinakit.hub import HubError
 from vinakit.params import SFTParams
 from vinakit.record import RESERVED_MARKER, reserve_run_dir, start_run
 
@@ -57,6 +58,6 @@ def test_token_value_is_never_written(tmp_path: Path, monkeypatch: pytest.Monkey
     sentinel = "hf_" + "SENTINEL" * 4  # built at run time: no token-shaped string is committed
     monkeypatch.setenv("HF_TOKEN", sentinel)
     run = start_run(SFTParams.validate({"output_dir": str(tmp_path), "run_name": "r"}))
-    with pytest.raises(RuntimeError, match="HF_TOKEN"):
+    with pytest.raises(HubError, match="Hugging Face token"):
         run.log_metrics(note=f"token {sentinel}")
     assert sentinel not in "".join(p.read_text(encoding="utf-8") for p in run.path.iterdir() if p.is_file())

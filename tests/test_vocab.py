@@ -11,7 +11,7 @@ import torch
 from vinakit import vocab
 from vinakit.data import load_text_corpus
 from vinakit.errors import ParamsError, VinakitError
-from vinakit.model import load_tiny
+from vinakit.tiny import load_tiny
 
 RUNNING_TEXT = "Tôi yêu {word} lắm, vì {word} là của Việt Nam."
 

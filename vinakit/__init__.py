@@ -6,3 +6,8 @@ parameters before a kernel starts, and Unsloth must be imported before transform
 """
 
 __version__ = "0.1.0"
+
+# The layers: one step module per notebook (its cells call only that module and building blocks), the entry
+# points that run notebooks, and below them the building blocks, which never import a step module.
+STEP_MODULES = ("sft", "cpt", "evaluate", "export")
+ENTRY_POINTS = ("cli", "demo")

@@ -18,7 +18,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from vinakit.hub import assert_no_secret
+from vinakit.colab import REPOSITORY_URL
+from vinakit.record import write_text
 
 CardKind = Literal["merged_16bit", "lora", "gguf"]
 CARD_FILE = "README.md"
@@ -129,9 +130,7 @@ def write_model_card(folder: str | Path, facts: CardFacts) -> Path:
         HubError: the card would contain a token from the environment.
     """
     path = Path(folder) / CARD_FILE
-    text = render_model_card(facts)
-    assert_no_secret(text, str(path))
-    path.write_text(text, encoding="utf-8")
+    write_text(path, render_model_card(facts))  # refuses a token's value
     return path
 
 
@@ -318,7 +317,7 @@ def _vietnamese(facts: CardFacts) -> str:
     return "\n".join([
         "## Tiếng Việt\n",
         f"Đây là {_KIND_TEXT[facts.kind][0]}, được tinh chỉnh cho tiếng Việt bằng "
-        "[vinakit](https://github.com/vinakit/vinakit).\n",
+        f"[vinakit]({REPOSITORY_URL}).\n",
         *_summary_lines(facts, vietnamese=True),
         "\n### Cách dùng\n",
         _usage(facts),
@@ -336,7 +335,7 @@ def _english(facts: CardFacts) -> str:
     return "\n".join([
         "## English\n",
         f"This is {_KIND_TEXT[facts.kind][1]}, fine-tuned for Vietnamese with "
-        "[vinakit](https://github.com/vinakit/vinakit).\n",
+        f"[vinakit]({REPOSITORY_URL}).\n",
         *_summary_lines(facts, vietnamese=False),
         "\n### How to use\n",
         _usage(facts),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vinakit.errors import DataError, ParamsError, VinakitError
+from vinakit.record import write_text
 
 IGNORE_INDEX = -100
 TRAIN_ON_CHOICES = ("assistant", "last", "all")
@@ -678,7 +679,7 @@ def write_masking_preview(path: str | Path, tokenizer: Any, examples: Sequence[M
         header = (f"=== example {number}: {len(example['input_ids'])} tokens, {trained} trained "
                   "(trained text inside [[ ]]) ===")
         blocks.append(f"{header}\n{masking_preview(tokenizer, example)}\n")
-    path.write_text("\n".join(blocks), encoding="utf-8")
+    write_text(Path(path), "\n".join(blocks))
     return path
 
 

@@ -3,11 +3,11 @@
 Every row becomes ``{"messages": [{"role": ..., "content": ...}, ...]}`` with roles system, user,
 assistant (an optional per-message ``"train": false`` is kept for the tokenizer's label masking).
 Rows come from local files (.jsonl, .json, .csv, .parquet), the kit's sample data (``vinakit:chat``,
-``vinakit:mcq``, ``vinakit:corpus``) or a Hugging Face hub dataset id (``name`` or ``name:split``).
+``vinakit:mcq``, ``vinakit:corpus``) or a Hugging Face hub dataset id, read by :mod:`vinakit.sources`.
 
 Bad rows are located by file, 1-based line (jsonl, csv) or row (json list, parquet, hub) and field.
 Strict by default: a bad row raises :class:`~vinakit.errors.DataError`; with ``skip_bad_rows`` it is
-skipped and counted by reason in the :class:`DataReport`, which goes into the run manifest.
+skipped and counted by reason in the :class:`~vinakit.sources.DataReport`, which goes into the run manifest.
 
 Only the standard library is imported at module level: pyarrow and datasets load inside functions,
 so the CLI stays fast and Unsloth can still be imported before transformers.
@@ -15,65 +15,35 @@ so the CLI stays fast and Unsloth can still be imported before transformers.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import math
 import random
 import re
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vinakit.errors import DataError, ParamsError
-from vinakit.text import TONE_STYLES, TextStats, normalize_with_counts
+from vinakit.sources import (CHAT_SUFFIXES, CORPUS_SUFFIXES, BadRow, DataReport, RowOptions, check_tone_style,
+                             collect_rows, open_source, skip_summary)
+from vinakit.text import TextStats, normalize_with_counts
 
-SAMPLE_FILES = {
-    "vinakit:chat": "chat_vi.jsonl",
-    "vinakit:mcq": "mcq_tinhoc.csv",
-    "vinakit:corpus": "corpus_vi.txt",
-}
-CHAT_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-CORPUS_SUFFIXES = (".txt", *CHAT_SUFFIXES)
 MCQ_LETTERS = ("A", "B", "C", "D")
-MAX_SKIPPED_EXAMPLES = 20
 
-# Suffixes that mark a string as a file path even when the file is missing (a hub id has none).
-_FILE_LIKE_SUFFIXES = frozenset({*CORPUS_SUFFIXES, ".tsv", ".xlsx", ".xls", ".ods", ".gz", ".zip",
-                                 ".bz2", ".xz", ".arrow", ".md", ".ndjson"})
-_SKIP_HINT = "Fix the row, or set skip_bad_rows: true to skip such rows."
 _OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                    "assistant": "assistant", "model": "assistant", "bot": "assistant"}
-# (schema name, context column, answer-key column) of the two MCQ seed-data schemas.
-_MCQ_SCHEMAS = {"mcq_para": ("para", "answer_key"), "mcq_context": ("context", "correct_answer")}
-_MCQ_OPTION_FIELDS = ("answer_a", "answer_b", "answer_c", "answer_d")
+# The one MCQ row schema, in its two seed-data forms: (schema name -> context column, answer-key column).
+MCQ_SCHEMAS = {"mcq_para": ("para", "answer_key"), "mcq_context": ("context", "correct_answer")}
+MCQ_OPTION_FIELDS = ("answer_a", "answer_b", "answer_c", "answer_d")
+MCQ_CONTEXT_FIELDS = tuple(context for context, _ in MCQ_SCHEMAS.values())
 _MCQ_KEY = re.compile(r"\(?\s*([A-Da-d])\s*[.):]?")
 _MCQ_PROMPT = ("Hãy đọc đoạn văn sau và viết một câu hỏi trắc nghiệm có bốn phương án A, B, C, D "
                "và cho biết đáp án đúng.\n\nĐoạn văn: {context}")
 
 
 # --- public helpers -------------------------------------------------------------------------------
-
-
-def sample_path(alias: str) -> Path:
-    """Returns the file behind a sample-data alias.
-
-    Args:
-        alias: ``vinakit:chat``, ``vinakit:mcq`` or ``vinakit:corpus``.
-
-    Returns:
-        The path inside the installed package (the file may not exist in a partial checkout).
-
-    Raises:
-        DataError: the alias is unknown.
-    """
-    if alias not in SAMPLE_FILES:
-        raise DataError(f"unknown sample alias {alias!r}; use one of {', '.join(SAMPLE_FILES)}")
-    return Path(__file__).resolve().parent / "sample_data" / SAMPLE_FILES[alias]
 
 
 def mcq_user_prompt(context: str) -> str:
@@ -126,91 +96,6 @@ def _one_line(text: str) -> str:
 
 
 # --- results --------------------------------------------------------------------------------------
-
-
-@dataclass
-class DataReport:
-    """What was read from one source, what was used and what was skipped, for the run manifest.
-
-    Attributes:
-        source: the source as the user gave it, with the file behind an alias.
-        path: the local file read, or None for a hub dataset.
-        sha256: the file's SHA-256, or None for a hub dataset.
-        rows_read: rows (lines, documents) read, bad ones included; blank lines not counted.
-        rows_used: rows kept.
-        skip_reasons: skipped rows counted by reason (e.g. "unknown_role", "empty_document").
-        skipped_examples: the first skipped rows as "file:line: field: reason".
-        formats: rows kept counted by detected format (e.g. "openai_messages", "mcq_para").
-        text: what text normalisation changed in the kept rows.
-        normalized: whether text was normalised.
-        tone_style: the tone-mark style used when normalising.
-        split: how the validation set was made ("none", "val_size=0.1 seed=0", "val_source").
-        train_rows: rows in the training set.
-        validation_rows: rows in the validation set.
-        validation_report: the report of ``val_source``, when one was given.
-    """
-
-    source: str
-    path: str | None = None
-    sha256: str | None = None
-    rows_read: int = 0
-    rows_used: int = 0
-    skip_reasons: Counter[str] = field(default_factory=Counter)
-    skipped_examples: list[str] = field(default_factory=list)
-    formats: Counter[str] = field(default_factory=Counter)
-    text: TextStats = field(default_factory=TextStats)
-    normalized: bool = True
-    tone_style: str = "old"
-    split: str = "none"
-    train_rows: int = 0
-    validation_rows: int = 0
-    validation_report: DataReport | None = None
-
-    @property
-    def rows_skipped(self) -> int:
-        """Rows read but not used."""
-        return sum(self.skip_reasons.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        """Returns the report as JSON-ready data (plain dicts, lists, numbers and strings)."""
-        return {
-            "source": self.source,
-            "path": self.path,
-            "sha256": self.sha256,
-            "rows_read": self.rows_read,
-            "rows_used": self.rows_used,
-            "rows_skipped": self.rows_skipped,
-            "skip_reasons": dict(self.skip_reasons.most_common()),
-            "skipped_examples": list(self.skipped_examples),
-            "formats": dict(self.formats.most_common()),
-            "text_normalization": {"enabled": self.normalized, "tone_style": self.tone_style,
-                                   **self.text.to_dict()},
-            "split": self.split,
-            "train_rows": self.train_rows,
-            "validation_rows": self.validation_rows,
-            "validation_source": self.validation_report.to_dict() if self.validation_report else None,
-        }
-
-    def summary(self) -> str:
-        """Returns a few lines for a notebook to print."""
-        skipped = ", ".join(f"{reason}: {count}" for reason, count in self.skip_reasons.most_common())
-        fixes = ", ".join(f"{name} {count}" for name, count in self.text.to_dict().items()
-                          if name not in ("strings", "changed") and count)
-        lines = [
-            f"{self.source}: {self.rows_read} rows read, {self.rows_used} used, "
-            f"{self.rows_skipped} skipped" + (f" ({skipped})" if skipped else ""),
-            "formats: " + ", ".join(f"{name} {count}" for name, count in self.formats.most_common()),
-            f"text normalised ({self.tone_style} tone style): {self.text.changed} of "
-            f"{self.text.strings} strings changed" + (f" ({fixes})" if fixes else "")
-            if self.normalized else "text not normalised",
-            f"split {self.split}: train {self.train_rows}, validation {self.validation_rows}",
-        ]
-        return "\n".join(lines)
-
-    def _skip(self, reason: str, example: str) -> None:
-        self.skip_reasons[reason] += 1
-        if len(self.skipped_examples) < MAX_SKIPPED_EXAMPLES:
-            self.skipped_examples.append(example)
 
 
 @dataclass
@@ -271,14 +156,14 @@ def load_chat_dataset(
         ParamsError: an option is out of range.
     """
     _check_chat_options(val_source, val_size, tone_style, limit, text_field)
-    options = _RowOptions(skip_bad_rows, normalize, tone_style, limit)
+    options = RowOptions(skip_bad_rows, normalize, tone_style, limit)
     rows, report = _load_chat_rows(source, text_field, options)
     if val_source is not None:
         train = rows
         validation, report.validation_report = _load_chat_rows(val_source, text_field, options)
         report.split = "val_source"
     else:
-        train, validation = _split_rows(rows, val_size, seed, report.source)
+        train, validation = split_rows(rows, val_size, seed, report.source)
         report.split = f"val_size={val_size} seed={seed}" if validation else "none"
     report.train_rows, report.validation_rows = len(train), len(validation)
     return ChatData(train=train, validation=validation, report=report)
@@ -309,20 +194,20 @@ def load_text_corpus(
         DataError: a file-level problem, a bad row in strict mode, or no documents at all.
         ParamsError: tone_style is unknown.
     """
-    _check_tone_style(tone_style)
-    options = _RowOptions(skip_bad_rows, normalize, tone_style, limit=None)
-    table = _open_source(source, CORPUS_SUFFIXES)
+    check_tone_style(tone_style)
+    options = RowOptions(skip_bad_rows, normalize, tone_style, limit=None)
+    table = open_source(source, CORPUS_SUFFIXES)
     report = table.new_report(options)
 
     def to_document(row: Any) -> tuple[str | None, str]:
         document = _corpus_document(row, text_field, options, report)
         return document, "text" if document is not None else "empty_document"
 
-    documents = _collect(table, to_document, report, options)
+    documents = collect_rows(table, to_document, report, options)
     report.train_rows = len(documents)
     if not documents:
         raise DataError(f"no documents: all {report.rows_read} were empty or skipped "
-                        f"({_reasons(report)}); check text_field (now {text_field!r}) and the file",
+                        f"({skip_summary(report)}); check text_field (now {text_field!r}) and the file",
                         path=table.label)
     return documents, report
 
@@ -330,22 +215,9 @@ def load_text_corpus(
 # --- options --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _RowOptions:
-    skip_bad_rows: bool
-    normalize: bool
-    tone_style: str
-    limit: int | None
-
-
-def _check_tone_style(tone_style: str) -> None:
-    if tone_style not in TONE_STYLES:
-        raise ParamsError(f"tone_style must be one of {', '.join(TONE_STYLES)}, got {tone_style!r}")
-
-
 def _check_chat_options(val_source: Any, val_size: Any, tone_style: str, limit: Any,
                         text_field: Any) -> None:
-    _check_tone_style(tone_style)
+    check_tone_style(tone_style)
     _validation_count(1000, val_size)  # raises on a bad type or range
     if val_source is not None and val_size:
         raise ParamsError("give either val_source or val_size, not both")
@@ -355,299 +227,12 @@ def _check_chat_options(val_source: Any, val_size: Any, tone_style: str, limit: 
         raise ParamsError(f"text_field must be None or a column name, got {text_field!r}")
 
 
-# --- sources --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Table:
-    """The rows of one source, each numbered as errors should show it."""
-
-    label: str                       # the file path or dataset id that errors name
-    description: str                 # what the report calls the source
-    unit: str                        # "line" (jsonl, csv, txt) or "row" (json list, parquet, hub)
-    rows: Iterable[tuple[int, Any]]  # (1-based line or row, parsed row or a BadRow)
-    path: str | None = None
-    sha256: str | None = None
-    cells_are_text: bool = False     # csv: a list column arrives as a JSON string
-
-    def new_report(self, options: _RowOptions) -> DataReport:
-        return DataReport(source=self.description, path=self.path, sha256=self.sha256,
-                          normalized=options.normalize, tone_style=options.tone_style)
-
-    def locate(self, number: int) -> str:
-        return f"{self.label}:{number}" if self.unit == "line" else f"{self.label}:row {number}"
-
-
-class BadRow(Exception):
-    """One row that cannot be used; becomes a DataError (strict) or a counted skip.
-
-    Args:
-        reason: a short key the report counts skips by (e.g. "missing_field").
-        message: what is wrong with the row and what to do.
-        field: the field at fault, when one is.
-    """
-
-    def __init__(self, reason: str, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.field = field
-
-
-def _open_source(source: str | Path, suffixes: tuple[str, ...]) -> _Table:
-    if isinstance(source, Path):
-        return _read_file(source, str(source), suffixes)
-    if not isinstance(source, str) or not source.strip():
-        raise ParamsError(f"source must be a file path, a vinakit: alias or a hub dataset id, "
-                          f"got {source!r}")
-    if source.startswith("vinakit:"):
-        path = sample_path(source)
-        return _read_file(path, f"{source} ({path})", suffixes)
-    path = Path(source).expanduser()
-    if path.exists() or _looks_like_path(source):
-        return _read_file(path, source, suffixes)
-    return _hub_table(source)
-
-
-def _looks_like_path(source: str) -> bool:
-    return (Path(source).suffix.lower() in _FILE_LIKE_SUFFIXES
-            or source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1)
-
-
-def _read_file(path: Path, description: str, suffixes: tuple[str, ...]) -> _Table:
-    label = str(path)
-    if not path.exists():
-        raise DataError("file not found; check the path (relative paths start from the current "
-                        f"working directory, {Path.cwd()})", path=label)
-    if path.is_dir():
-        raise DataError("is a folder; give a data file inside it", path=label)
-    suffix = path.suffix.lower()
-    if suffix not in suffixes:
-        raise DataError(_unsupported_suffix_message(suffix, suffixes), path=label)
-    data = path.read_bytes()
-    table = _Table(label=label, description=description, unit="line", rows=[],
-                   path=str(path.resolve()), sha256=hashlib.sha256(data).hexdigest())
-    if not data.strip():
-        raise DataError("file is empty; put at least one row in it", path=label)
-    if suffix == ".parquet":
-        table.unit, table.rows = "row", _parquet_rows(path, label)
-        return table
-    text = _decode_utf8(data, label)
-    if not text.strip():
-        raise DataError("file is empty; put at least one row in it", path=label)
-    if suffix == ".jsonl":
-        table.rows = _jsonl_rows(text)
-    elif suffix == ".json":
-        table.unit, table.rows = "row", _json_rows(text, label)
-    elif suffix == ".csv":
-        table.rows, table.cells_are_text = _csv_rows(text, label), True
-    else:
-        table.rows = _txt_documents(text)
-    return table
-
-
-def _unsupported_suffix_message(suffix: str, suffixes: tuple[str, ...]) -> str:
-    message = f"unsupported file type {suffix or '(none)'!r}; use one of {', '.join(suffixes)}"
-    if suffix in (".xlsx", ".xls", ".ods"):
-        message += " (in Excel: Save As 'CSV UTF-8 (Comma delimited)')"
-    elif suffix == ".txt":
-        message += " (plain text is for continued pretraining: load_text_corpus)"
-    return message
-
-
-def _decode_utf8(data: bytes, label: str) -> str:
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise DataError("file is UTF-16; re-save it as UTF-8 (in Excel: 'CSV UTF-8')", path=label)
-    if b"\x00" in data[:8192]:
-        raise DataError("looks like a binary file, not UTF-8 text; give a text file", path=label)
-    try:
-        return data.decode("utf-8-sig")  # -sig: Excel starts its UTF-8 files with a BOM
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise DataError(f"is not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save it as UTF-8 "
-                        "(Excel: 'CSV UTF-8'; legacy Vietnamese encodings such as Windows-1258, "
-                        "TCVN3 or VNI need converting first)", path=label, line=line) from None
-
-
-def _jsonl_rows(text: str) -> list[tuple[int, Any]]:
-    rows: list[tuple[int, Any]] = []
-    # split on "\n" only: str.splitlines would also split inside strings at U+2028 or U+0085
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            rows.append((number, BadRow("malformed_json",
-                                         f"malformed JSON ({exc.msg} at column {exc.colno})")))
-    return rows
-
-
-def _json_rows(text: str, label: str) -> list[tuple[int, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = " (one object per line is JSON Lines: rename the file to .jsonl)" \
-            if exc.msg == "Extra data" else ""
-        raise DataError(f"malformed JSON ({exc.msg} at column {exc.colno}){hint}",
-                        path=label, line=exc.lineno) from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise DataError('a .json file must hold a list of objects or {"data": [...]}', path=label)
-    if not data:
-        raise DataError("holds no rows; put at least one object in the list", path=label)
-    return list(enumerate(data, start=1))
-
-
-def _csv_rows(text: str, label: str) -> list[tuple[int, Any]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [name.strip() for name in next(reader)]
-        rows = []
-        last_line = reader.line_num
-        for cells in reader:
-            # a quoted field can span lines: the row starts right after the previous one ended
-            start, last_line = last_line + 1, reader.line_num
-            if any(cell.strip() for cell in cells):
-                rows.append((start, _csv_row(header, cells)))
-    except csv.Error as exc:
-        raise DataError(f"cannot be read as CSV ({exc})", path=label, line=reader.line_num) from None
-    if not rows:
-        raise DataError("has a header line but no data rows; add rows below the header", path=label)
-    return rows
-
-
-def _csv_row(header: list[str], cells: list[str]) -> dict[str, str] | BadRow:
-    if len(cells) != len(header):
-        return BadRow("wrong_field_count", f"has {len(cells)} fields but the header has "
-                       f"{len(header)}; put fields that contain commas in double quotes")
-    return dict(zip(header, cells))
-
-
-def _txt_documents(text: str) -> list[tuple[int, str]]:
-    documents: list[tuple[int, str]] = []
-    lines: list[str] = []
-    start = 0
-    for number, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r")
-        if line.strip():
-            start = start if lines else number
-            lines.append(line)
-        elif lines:
-            documents.append((start, "\n".join(lines)))
-            lines = []
-    if lines:
-        documents.append((start, "\n".join(lines)))
-    return documents
-
-
-def _parquet_rows(path: Path, label: str) -> list[tuple[int, Any]]:
-    import pyarrow.parquet  # heavy: only when a parquet file is read
-
-    try:
-        rows = pyarrow.parquet.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for a file that is not parquet
-        raise DataError(f"cannot be read as Parquet ({type(exc).__name__}: {exc})",
-                        path=label) from None
-    if not rows:
-        raise DataError("holds no rows", path=label)
-    return list(enumerate(rows, start=1))
-
-
-def _hub_table(dataset_id: str) -> _Table:
-    name, _, split = dataset_id.partition(":")
-    split = split or "train"
-    try:
-        from datasets import load_dataset  # heavy, and must come after `import unsloth`
-
-        dataset = load_dataset(name, split=split)
-    except Exception as exc:  # network, auth, missing split: all end the same way for the user
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
-        raise DataError(
-            f"could not load dataset {name!r} (split {split!r}) from the Hugging Face Hub ({detail}). "
-            "Check the id, the split, your network and HF_TOKEN for private data, or give a local "
-            f"file ({', '.join(CORPUS_SUFFIXES)}).", path=dataset_id) from exc
-    return _Table(label=dataset_id, description=f"hub:{name} split={split}", unit="row",
-                  rows=enumerate(dataset, start=1))
-
-
-# --- row loop -------------------------------------------------------------------------------------
-
-
-def read_rows(source: str | Path, convert: Callable[[Any, int, bool], tuple[Any, str]], *,
-              suffixes: tuple[str, ...] = CHAT_SUFFIXES, skip_bad_rows: bool = False, normalize: bool = True,
-              tone_style: str = "old") -> tuple[list[Any], DataReport, str]:
-    """Read rows of another schema (evaluation contexts, VMLU questions) with the kit's located errors.
-
-    Args:
-        source: a local file, a ``vinakit:`` alias or a hub dataset id, as for :func:`load_chat_dataset`.
-        convert: ``convert(row, line, cells_are_text) -> (item, format)`` for one parsed row; it raises
-            :class:`BadRow` for a row it cannot use and may return ``(None, reason)`` to drop one.
-            ``cells_are_text`` is true for CSV, where a list column arrives as a JSON string.
-        suffixes: the file endings accepted.
-        skip_bad_rows: skip and count bad rows instead of raising a DataError naming file, line and field.
-        normalize: recorded in the report (``convert`` normalises what it keeps).
-        tone_style: recorded in the report.
-
-    Returns:
-        The kept items, the data report, and the label errors use for the source.
-    """
-    options = _RowOptions(skip_bad_rows, normalize, tone_style, None)
-    table = _open_source(source, suffixes)
-    report = table.new_report(options)
-    table.rows = [(number, row if isinstance(row, BadRow) else (number, row)) for number, row in table.rows]
-    items = _collect(table, lambda numbered: convert(numbered[1], numbered[0], table.cells_are_text), report,
-                     options)
-    return items, report, table.label
-
-
-def _collect(table: _Table, convert: Callable[[Any], tuple[Any, str]], report: DataReport,
-             options: _RowOptions) -> list[Any]:
-    """Converts every row; bad rows raise (strict) or are counted; None results are dropped."""
-    kept: list[Any] = []
-    for number, row in table.rows:
-        if options.limit is not None and len(kept) >= options.limit:
-            break
-        report.rows_read += 1
-        try:
-            if isinstance(row, BadRow):
-                raise row
-            result, kind = convert(row)
-        except BadRow as bad:
-            if not options.skip_bad_rows:
-                raise _located_error(bad, table, number) from None
-            where = f"{table.locate(number)}: {bad.field}" if bad.field else table.locate(number)
-            report._skip(bad.reason, f"{where}: {bad.message}")
-            continue
-        if result is None:  # dropped on purpose (an empty document): `kind` says why
-            report._skip(kind, f"{table.locate(number)}: {kind.replace('_', ' ')}")
-            continue
-        kept.append(result)
-        report.formats[kind] += 1
-    report.rows_used = len(kept)
-    return kept
-
-
-def _located_error(bad: BadRow, table: _Table, number: int) -> DataError:
-    error = DataError(f"{bad.message}. {_SKIP_HINT}", path=table.label, line=number, field=bad.field)
-    if table.unit == "row":
-        # DataError always says "line"; a JSON list, parquet file or hub dataset has rows
-        error.args = (str(error).replace(f", line {number}", f", row {number}", 1),)
-    return error
-
-
-def _reasons(report: DataReport) -> str:
-    return ", ".join(f"{reason}: {count}" for reason, count in report.skip_reasons.most_common()) \
-        or "none skipped"
-
-
 # --- chat rows ------------------------------------------------------------------------------------
 
 
 def _load_chat_rows(source: str | Path, text_field: str | None,
-                    options: _RowOptions) -> tuple[list[dict[str, Any]], DataReport]:
-    table = _open_source(source, CHAT_SUFFIXES)
+                    options: RowOptions) -> tuple[list[dict[str, Any]], DataReport]:
+    table = open_source(source, CHAT_SUFFIXES)
     report = table.new_report(options)
 
     def to_chat(row: Any) -> tuple[dict[str, Any], str]:
@@ -658,10 +243,10 @@ def _load_chat_rows(source: str | Path, text_field: str | None,
         report.text.add(stats)  # only rows that are kept count
         return {"messages": [_without_field_path(m) for m in messages]}, kind
 
-    rows = _collect(table, to_chat, report, options)
+    rows = collect_rows(table, to_chat, report, options)
     if not rows:
         raise DataError(f"no usable rows: all {report.rows_read} rows were skipped "
-                        f"({_reasons(report)}); see the first ones: {report.skipped_examples[:3]}",
+                        f"({skip_summary(report)}); see the first ones: {report.skipped_examples[:3]}",
                         path=table.label)
     return rows, report
 
@@ -685,9 +270,9 @@ def _chat_messages(row: Any, text_field: str | None, cells_are_text: bool) -> tu
         return _turns(turns, "conversations", True), "sharegpt"
     if "instruction" in row or "output" in row:
         return _alpaca_messages(row), "alpaca"
-    if any(name in row for name in (*_MCQ_OPTION_FIELDS, "correct_answer", "answer_key")):
-        schema = "mcq_para" if "para" in row or "answer_key" in row else "mcq_context"
-        return _mcq_messages(row, schema), schema
+    if any(name in row for name in (*MCQ_OPTION_FIELDS, "correct_answer", "answer_key")):
+        mcq = read_mcq_row(row)
+        return _mcq_messages(mcq), mcq.schema
     raise BadRow("unknown_format", "matches no known format; expected 'messages', 'conversations', "
                   "'instruction'/'output' or an MCQ row (context, question, answer_a..answer_d, "
                   f"correct_answer); the row has {', '.join(map(repr, row)) or 'no fields'}")
@@ -745,19 +330,56 @@ def _alpaca_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
-def _mcq_messages(row: dict[str, Any], schema: str) -> list[dict[str, Any]]:
-    context_field, key_field = _MCQ_SCHEMAS[schema]
+@dataclass(frozen=True)
+class McqRow:
+    """One MCQ row of either seed schema, checked: a context, a question, four options and a key letter.
+
+    Attributes:
+        schema: ``"mcq_para"`` or ``"mcq_context"``.
+        context_field: the column the passage came from (``para`` or ``context``).
+        context: the passage.
+        question: the question stem.
+        options: ``{"A": ..., "D": ...}``.
+        answer: the key letter, "A".."D".
+    """
+
+    schema: str
+    context_field: str
+    context: str
+    question: str
+    options: dict[str, str]
+    answer: str
+
+
+def read_mcq_row(row: dict[str, Any], context_field: str = "") -> McqRow:
+    """Read an MCQ row of either seed schema; training and evaluation read MCQ rows with this one function.
+
+    Args:
+        row: ``context, question, answer_a..answer_d, correct_answer`` or ``para, ..., answer_key``; the key may
+            be written ``B``, ``b``, ``(B)``, ``B.`` or ``B)``.
+        context_field: the passage column when it is neither ``para`` nor ``context``.
+
+    Raises:
+        BadRow: a missing or empty field, a wrong type, or a key that is not A-D (naming the field).
+    """
+    schema = "mcq_para" if "para" in row or "answer_key" in row else "mcq_context"
+    default_context, key_field = MCQ_SCHEMAS[schema]
+    context_field = context_field or default_context
     context = _required_text(row, context_field, numbers_ok=True)
     question = _required_text(row, "question", numbers_ok=True)
     options = {letter: _required_text(row, name, numbers_ok=True)
-               for letter, name in zip(MCQ_LETTERS, _MCQ_OPTION_FIELDS)}
+               for letter, name in zip(MCQ_LETTERS, MCQ_OPTION_FIELDS)}
     key = _required_text(row, key_field, numbers_ok=True)  # a number key is a bad key, not a type error
     match = _MCQ_KEY.fullmatch(key.strip())
     if match is None:
         raise BadRow("bad_mcq_key", f"answer key {key!r} is not one of A, B, C, D", key_field)
+    return McqRow(schema, context_field, context, question, options, match.group(1).upper())
+
+
+def _mcq_messages(mcq: McqRow) -> list[dict[str, Any]]:
     return [
-        {"role": "user", "content": mcq_user_prompt(context), "_field": context_field},
-        {"role": "assistant", "content": format_mcq(question, options, match.group(1)),
+        {"role": "user", "content": mcq_user_prompt(mcq.context), "_field": mcq.context_field},
+        {"role": "assistant", "content": format_mcq(mcq.question, mcq.options, mcq.answer),
          "_field": "question"},
     ]
 
@@ -783,7 +405,7 @@ def _text_or_empty(row: dict[str, Any], name: str, required: bool = False,
     return value
 
 
-def _normalize_messages(messages: list[dict[str, Any]], options: _RowOptions) -> TextStats:
+def _normalize_messages(messages: list[dict[str, Any]], options: RowOptions) -> TextStats:
     if not options.normalize:
         return TextStats()
     contents, stats = normalize_with_counts([m["content"] for m in messages], options.tone_style)
@@ -814,7 +436,7 @@ def _type_name(value: Any) -> str:
 # --- corpus rows ----------------------------------------------------------------------------------
 
 
-def _corpus_document(row: Any, text_field: str, options: _RowOptions,
+def _corpus_document(row: Any, text_field: str, options: RowOptions,
                      report: DataReport) -> str | None:
     if isinstance(row, str):
         text = row
@@ -840,6 +462,8 @@ def _corpus_document(row: Any, text_field: str, options: _RowOptions,
 
 # --- validation split -----------------------------------------------------------------------------
 
+T = TypeVar("T")
+
 
 def _validation_count(total: int, val_size: Any) -> int:
     if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
@@ -856,14 +480,31 @@ def _validation_count(total: int, val_size: Any) -> int:
     return max(1, round(total * val_size))
 
 
-def _split_rows(rows: list[dict[str, Any]], val_size: float | int, seed: int,
-                label: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_rows(rows: Sequence[T], val_size: float | int, seed: int, source: str = "", *, unit: str = "rows",
+               fix: str = "") -> tuple[list[T], list[T]]:
+    """Split off a seeded validation sample; both parts keep the file order. Chat rows and CPT documents alike.
+
+    Args:
+        rows: the rows (or documents).
+        val_size: a fraction in (0, 0.5] or a count >= 1; 0 for no validation part.
+        seed: seed of the sample: the same rows, size and seed give the same split (eval re-creates it).
+        source: the file or dataset, named in errors.
+        unit: what the rows are, for the error message ("rows", "documents").
+        fix: how to fix a split that leaves nothing to train on (default: lower val_size or add rows).
+
+    Returns:
+        ``(train, validation)``.
+
+    Raises:
+        ParamsError: ``val_size`` has a wrong type or range.
+        DataError: ``val_size`` leaves no training row.
+    """
     count = _validation_count(len(rows), val_size)
     if count == 0:
-        return rows, []
+        return list(rows), []
     if count >= len(rows):
-        raise DataError(f"val_size={val_size} would leave no training rows ({len(rows)} usable rows); "
-                        "lower val_size or add rows", path=label)
+        raise DataError(f"val_size={val_size} would leave no training {unit} ({len(rows)} usable {unit}); "
+                        f"{fix or f'lower val_size or add {unit}'}", path=source or None)
     # sample indices, keep file order in both parts: easier to trace a row back to its line
     chosen = set(random.Random(seed).sample(range(len(rows)), count))
     train = [row for index, row in enumerate(rows) if index not in chosen]

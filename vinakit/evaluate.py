@@ -20,32 +20,25 @@ write; contexts can still recur in training with other questions, and the items 
 
 from __future__ import annotations
 
-import gc
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from vinakit.device import free_memory
 from vinakit.errors import DataError, ParamsError, VinakitError
-from vinakit.mcq import LETTERS
-from vinakit.params import EvalMCQParams
+from vinakit.data import MCQ_LETTERS as LETTERS
+from vinakit.params import EvalMCQParams, SFTParams
 from vinakit.record import Metrics, Run
+from vinakit.sources import CHAT_SUFFIXES, BadRow, read_rows
+from vinakit.vmlu import VmluItems, answer_vmlu, mcq_block, pick_letters, read_vmlu
 
-VMLU_SAMPLE = "vinakit:vmlu"
-VMLU_SAMPLE_FILE = Path(__file__).resolve().parent / "sample_data" / "vmlu_sample.jsonl"
-CONTEXT_FIELDS = ("context", "para")
-KEY_FIELDS = ("correct_answer", "answer_key")
-OPTION_FIELDS = ("answer_a", "answer_b", "answer_c", "answer_d")
-VMLU_LETTERS = ("A", "B", "C", "D", "E")
-ANSWER_PREFIX = "Đáp án:"
 TRUNCATION_MARK = " […] "
 _LINE = "__vinakit_line__"
 
 # Scoring prompts: the reply starts with "Đáp án:" and the letter comes next, as in the training format.
 _KEY_CHECK_WITH_CONTEXT = "Đọc đoạn văn sau và trả lời câu hỏi trắc nghiệm.\n\nĐoạn văn: {context}\n\n{mcq}"
 _KEY_CHECK_WITHOUT_CONTEXT = "Trả lời câu hỏi trắc nghiệm sau.\n\n{mcq}"
-_VMLU_PROMPT = "Trả lời câu hỏi trắc nghiệm sau.\n\n{mcq}"
 
 # Headline metrics first: the model card of the export notebook lists the first few.
 _HEADLINE = ("format_valid_rate", "format_strict_rate", "key_agreement_rate", "guessable_without_context_rate",
@@ -96,7 +89,7 @@ class TrainedModel:
 
 
 def find_trained_model(params: EvalMCQParams) -> TrainedModel:
-    """Resolve ``params.adapter`` (an SFT run folder or its ``adapter/``) and check it fits ``model_name``.
+    """Resolve ``params.adapter`` (see :func:`vinakit.runs.find_run`) and check it fits ``model_name``.
 
     Returns:
         The fine-tuned model, or ``TrainedModel()`` (nothing to compare) when ``adapter`` is empty.
@@ -106,68 +99,23 @@ def find_trained_model(params: EvalMCQParams) -> TrainedModel:
     """
     if not params.adapter:
         return TrainedModel()
-    folder = Path(params.adapter).expanduser()
-    weights_dir = _weights_folder(folder)
-    run_dir = next((d for d in (folder, folder.parent) if (d / "params.yaml").is_file() and d != weights_dir), None)
-    info = _read_json(weights_dir / "vinakit_training.json")
-    base = info.get("base_model") or _adapter_config_base(weights_dir)
-    _check_same_base(params.model_name, base, weights_dir)
-    sft_params = _read_yaml(run_dir / "params.yaml") if run_dir else {}
-    return TrainedModel(weights_dir=weights_dir, run_dir=run_dir, base_model=base,
-                        chat_template=info.get("chat_template") or "", sft_params=sft_params)
+    from vinakit.runs import find_run
 
-
-def _weights_folder(folder: Path) -> Path:
-    if not folder.is_dir():
-        raise VinakitError(f"adapter: folder {folder} does not exist. Give an SFT run folder (outputs/<run>) or "
-                           f"its adapter/ folder.")
-    for candidate in (folder, folder / "adapter", folder / "model"):
-        if (candidate / "adapter_config.json").is_file() or (candidate / "vinakit_training.json").is_file():
-            return candidate
-    raise VinakitError(f"adapter: {folder} holds no adapter (no adapter_config.json in it or in {folder}/adapter). "
-                       f"Give an SFT run folder (outputs/<run>) or its adapter/ folder.")
-
-
-def _adapter_config_base(weights_dir: Path) -> str:
-    return str(_read_json(weights_dir / "adapter_config.json").get("base_model_name_or_path") or "")
+    trained = find_run(params.adapter, params.output_dir)
+    _check_same_base(params.model_name, trained.model_name, trained.weights_dir)
+    return TrainedModel(weights_dir=trained.weights_dir, run_dir=trained.run_dir, base_model=trained.model_name,
+                        chat_template=trained.chat_template, sft_params=dict(trained.params))
 
 
 def _check_same_base(model_name: str, base: str, weights_dir: Path) -> None:
     """An adapter only works on the base model it was trained on: say so before loading anything."""
-    if not base or _model_key(model_name) == _model_key(base):
-        return
-    from vinakit.model import resolve_model_name
+    from vinakit.runs import same_model
 
-    try:
-        same_folder = Path(resolve_model_name(model_name)).resolve() == Path(base).expanduser().resolve()
-    except VinakitError:
-        same_folder = False
-    if not same_folder:
+    if base and not same_model(model_name, base):
         raise VinakitError(
             f"The adapter in {weights_dir} was trained on base model {base!r}, but model_name is {model_name!r}. "
             f"An adapter only fits the base model it was trained on: set model_name to {base!r} "
             f"(e.g. -p model_name {base}) or give an adapter trained on {model_name!r}.")
-
-
-def _model_key(name: str) -> str:
-    # Unsloth saves "unsloth/llama-3.2-1b-instruct-bnb-4bit" for "unsloth/Llama-3.2-1B-Instruct".
-    key = name.strip().rstrip("/").lower()
-    for suffix in ("-unsloth-bnb-4bit", "-bnb-4bit"):
-        key = key.removesuffix(suffix)
-    return key
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as error:
-        raise VinakitError(f"Cannot read {path}: {error}") from error
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    from vinakit.params import read_yaml
-
-    return read_yaml(path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -222,7 +170,7 @@ def _read_context_rows(params: EvalMCQParams) -> tuple[list[dict[str, Any]], Any
         item = _context_item(_with_line(row, line), params, data)
         return item, "mcq" if item["reference_question"] else "context"
 
-    rows, report, label = data.read_rows(params.dataset, to_item, suffixes=(*data.CHAT_SUFFIXES, ".txt"),
+    rows, report, label = read_rows(params.dataset, to_item, suffixes=(*CHAT_SUFFIXES, ".txt"),
                                          skip_bad_rows=params.skip_bad_rows, normalize=params.normalize_text,
                                          tone_style=params.tone_style)
     report.train_rows = len(rows)
@@ -242,15 +190,15 @@ def _with_line(row: Any, number: int) -> Any:
 def _context_item(row: Any, params: EvalMCQParams, data: Any) -> dict[str, Any]:
     """One source row as an item, with its gold MCQ when it has one."""
     if not isinstance(row, dict):
-        raise data.BadRow("wrong_type", f"a row must be an object with a context, got {type(row).__name__}")
+        raise BadRow("wrong_type", f"a row must be an object with a context, got {type(row).__name__}")
     row = dict(row)
     line = row.pop(_LINE, None)
     field_name = _context_field(row, params.context_field, data)
     context = row.get(field_name)
     if not isinstance(context, str) or not context.strip():
-        raise data.BadRow("empty_context", f"empty context in column {field_name!r}; give a passage or remove "
+        raise BadRow("empty_context", f"empty context in column {field_name!r}; give a passage or remove "
                                             f"the row", field_name)
-    gold = _gold_mcq(row)
+    gold = _gold_mcq(row, field_name, data)
     clean = _normalizer(params)
     item = {
         "context": clean(context.strip()),
@@ -268,27 +216,24 @@ def _context_item(row: Any, params: EvalMCQParams, data: Any) -> dict[str, Any]:
 def _context_field(row: dict[str, Any], wanted: str, data: Any) -> str:
     if wanted:
         if wanted not in row:
-            raise data.BadRow("missing_field", f"no column {wanted!r} (context_field); the row has columns "
+            raise BadRow("missing_field", f"no column {wanted!r} (context_field); the row has columns "
                                                 f"{sorted(row)}", wanted)
         return wanted
-    found = next((name for name in CONTEXT_FIELDS if name in row), None)
+    found = next((name for name in data.MCQ_CONTEXT_FIELDS if name in row), None)
     if found is None:
-        raise data.BadRow("missing_field", f"no context column: expected 'context' or 'para' (or set "
+        raise BadRow("missing_field", f"no context column: expected 'context' or 'para' (or set "
                                             f"context_field to the column holding the passages); the row has "
                                             f"columns {sorted(row)}", "context")
     return found
 
 
-def _gold_mcq(row: dict[str, Any]) -> dict[str, Any] | None:
-    """The reference MCQ of a row in either seed schema, or None when the row has no complete one."""
-    key_field = next((name for name in KEY_FIELDS if name in row), None)
-    texts = [row.get(name) for name in ("question", *OPTION_FIELDS)]
-    if key_field is None or not all(isinstance(t, (str, int, float)) and str(t).strip() for t in texts):
-        return None
-    key = str(row[key_field]).strip().strip("().:").upper()
-    if key not in LETTERS:
-        return None
-    return {"question": str(texts[0]), "options": dict(zip(LETTERS, map(str, texts[1:]))), "answer": key}
+def _gold_mcq(row: dict[str, Any], context_field: str, data: Any) -> dict[str, Any] | None:
+    """The reference MCQ of a row (read as training reads MCQ rows), or None when the row has no complete one."""
+    try:
+        mcq = data.read_mcq_row(row, context_field)
+    except BadRow:
+        return None  # a passage without a complete reference MCQ is still an item to write a question about
+    return {"question": mcq.question, "options": mcq.options, "answer": mcq.answer}
 
 
 def _normalizer(params: EvalMCQParams) -> Any:
@@ -305,11 +250,11 @@ def _select_rows(rows: list[dict[str, Any]], params: EvalMCQParams,
     total = f"{len(rows)} rows of {params.dataset}"
     if not trained.present:
         return rows, f"all {total} (no fine-tuned model, nothing to hold out)"
-    sft = trained.sft_params
-    if not sft:
+    if not trained.sft_params:
         return rows, f"all {total}: not checked against training (the adapter has no SFT run folder with params.yaml)"
-    if not _same_source(str(sft.get("dataset", "")), params.dataset):
-        return rows, f"all {total}: SFT run {trained.name} trained on another dataset ({sft.get('dataset')})"
+    sft = _training_params(trained)
+    if not _same_source(sft.dataset, params.dataset):
+        return rows, f"all {total}: SFT run {trained.name} trained on another dataset ({sft.dataset})"
     if not params.holdout:
         return rows, f"all {total}, including rows SFT run {trained.name} trained on (holdout is off)"
     split = _sft_split(sft)
@@ -328,7 +273,7 @@ def _select_rows(rows: list[dict[str, Any]], params: EvalMCQParams,
                         f"holdout: false to evaluate on all rows", path=params.dataset)
     seen = sum(bool(row["context_seen_in_training"]) for row in kept)
     return kept, (f"held out: the {len(kept)} of {total} that SFT run {trained.name} kept for validation "
-                  f"(val_size={sft.get('val_size')}, seed={sft.get('seed')}); {seen} of them share their context "
+                  f"(val_size={sft.val_size}, seed={sft.seed}); {seen} of them share their context "
                   f"with a training row (another question about the same passage)")
 
 
@@ -339,21 +284,25 @@ def _same_source(first: str, second: str) -> bool:
     return a.is_file() and b.is_file() and a.resolve() == b.resolve()
 
 
-def _sft_split(sft: dict[str, Any]) -> tuple[set[tuple[str, str]], set[str]] | None:
-    """The SFT run's validation (prompt, reply) pairs and training prompts, rebuilt exactly as it split them."""
-    from vinakit.data import load_chat_dataset
+def _training_params(trained: TrainedModel) -> SFTParams:
+    """The SFT run's parameters as training validated them (defaults included: no guessed values here)."""
+    from vinakit.runs import PARAMS_FILE, run_params
 
-    val_size = sft.get("val_size", 0) or 0
-    if sft.get("val_dataset") or not val_size:
+    return run_params(trained.sft_params, SFTParams, str((trained.run_dir or trained.weights_dir) / PARAMS_FILE))
+
+
+def _sft_split(sft: SFTParams) -> tuple[set[tuple[str, str]], set[str]] | None:
+    """The SFT run's validation (prompt, reply) pairs and training prompts, rebuilt exactly as it split them."""
+    from vinakit.runs import load_sft_data
+
+    if sft.val_dataset or not sft.val_size:
         return None
-    data = load_chat_dataset(sft["dataset"], val_size=int(val_size) if val_size >= 1 else float(val_size),
-                             seed=int(sft.get("seed", 3407)), skip_bad_rows=bool(sft.get("skip_bad_rows", False)),
-                             normalize=bool(sft.get("normalize_text", True)), tone_style=sft.get("tone_style", "old"))
+    data = load_sft_data(sft)
     texts = lambda row: (row["messages"][0]["content"], row["messages"][-1]["content"])  # noqa: E731
     return {texts(row) for row in data.validation}, {texts(row)[0] for row in data.train}
 
 
-def _sft_message_texts(row: dict[str, Any], sft: dict[str, Any]) -> tuple[str, str]:
+def _sft_message_texts(row: dict[str, Any], sft: SFTParams) -> tuple[str, str]:
     """The user and assistant texts the SFT data loader made of this row (same normalisation as that run)."""
     from vinakit.data import format_mcq, mcq_user_prompt
     from vinakit.text import normalize_vietnamese
@@ -361,91 +310,23 @@ def _sft_message_texts(row: dict[str, Any], sft: dict[str, Any]) -> tuple[str, s
     gold = row["_raw_gold"]
     prompt = mcq_user_prompt(row["_raw_context"])
     reply = format_mcq(gold["question"], gold["options"], gold["answer"]) if gold else ""
-    if sft.get("normalize_text", True):
-        style = sft.get("tone_style", "old")
-        prompt, reply = normalize_vietnamese(prompt, style), normalize_vietnamese(reply, style)
+    if sft.normalize_text:
+        prompt, reply = normalize_vietnamese(prompt, sft.tone_style), normalize_vietnamese(reply, sft.tone_style)
     return prompt, reply
 
 
-# --------------------------------------------------------------------------------------------------------------
-# VMLU-format answering set
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VmluItems:
-    """Multiple-choice questions with a key (VMLU format), or an empty table when none were asked for."""
-
-    table: Any
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-
 def load_vmlu(params: EvalMCQParams, run: Run) -> VmluItems:
-    """Read the VMLU-format set (``question``, ``choices``, ``answer``, optional ``subject``).
-
-    ``vinakit:vmlu`` is the kit's own 48-question sample; VMLU's files work as they are (choices written
-    "A. ...", up to five options). An empty ``vmlu_dataset`` skips this part.
+    """Read the VMLU-format set (:func:`vinakit.vmlu.read_vmlu`); an empty ``vmlu_dataset`` skips this part.
 
     Raises:
         DataError: a row without question, choices or key (unless ``skip_bad_rows``), or no usable rows.
     """
-    import pandas as pd
-
-    if not params.vmlu_dataset:
-        return VmluItems(table=pd.DataFrame(columns=["subject", "question", "choices", "answer"]))
-    from vinakit import data
-
-    source: str | Path = VMLU_SAMPLE_FILE if params.vmlu_dataset == VMLU_SAMPLE else params.vmlu_dataset
-    clean = _normalizer(params)
-    rows, report, label = data.read_rows(
-        source, lambda row, line, cells_are_text: (_vmlu_item(row, clean, cells_are_text, data), "vmlu"),
-        skip_bad_rows=params.skip_bad_rows, normalize=params.normalize_text, tone_style=params.tone_style)
-    if not rows:
-        raise DataError(f"no usable questions ({dict(report.skip_reasons)})", path=label)
-    if params.vmlu_max_items:
-        rows = rows[:params.vmlu_max_items]
-    report.train_rows = len(rows)
-    run.add_data_report("vmlu", report)
-    return VmluItems(table=pd.DataFrame(rows), source=params.vmlu_dataset)
-
-
-def _vmlu_item(row: Any, clean: Any, cells_are_text: bool, data: Any) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise data.BadRow("wrong_type", f"a row must be an object, got {type(row).__name__}")
-    question = row.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise data.BadRow("missing_field", "no question", "question")
-    choices = _vmlu_choices(row.get("choices"), cells_are_text, data)
-    answer = str(row.get("answer") or "").strip().strip("().:").upper()
-    if not answer:
-        raise data.BadRow("no_answer_key", "no answer key (VMLU's test split has no public keys: use its dev or "
-                                            "valid split)", "answer")
-    if answer not in VMLU_LETTERS[:len(choices)]:
-        raise data.BadRow("bad_answer_key", f"answer {answer!r} is not one of the {len(choices)} choices", "answer")
-    return {"subject": str(row.get("subject") or "unknown"), "question": clean(question.strip()),
-            "choices": [clean(choice) for choice in choices], "answer": answer}
-
-
-def _vmlu_choices(value: Any, cells_are_text: bool, data: Any) -> list[str]:
-    if cells_are_text and isinstance(value, str):
-        try:
-            value = json.loads(value)  # a CSV cell holds the list as JSON
-        except ValueError:
-            pass
-    if not isinstance(value, list) or not 2 <= len(value) <= len(VMLU_LETTERS):
-        raise data.BadRow("bad_choices", f"choices must be a list of 2 to {len(VMLU_LETTERS)} strings", "choices")
-    choices = []
-    for letter, choice in zip(VMLU_LETTERS, value):
-        text = str(choice).strip()
-        for label in (f"{letter}.", f"{letter})", f"{letter}:"):
-            text = text[len(label):].strip() if text.startswith(label) else text  # VMLU writes "A. ..."
-        if not text:
-            raise data.BadRow("bad_choices", f"choice {letter} is empty", "choices")
-        choices.append(text)
-    return choices
+    vmlu, report = read_vmlu(params.vmlu_dataset, _normalizer(params), max_items=params.vmlu_max_items,
+                             skip_bad_rows=params.skip_bad_rows, normalize=params.normalize_text,
+                             tone_style=params.tone_style)
+    if report is not None:
+        run.add_data_report("vmlu", report)
+    return vmlu
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -528,8 +409,8 @@ def evaluate_models(params: EvalMCQParams, run: Run, items: EvalItems, vmlu: Vml
                                 source=str(trained.weights_dir) if label == "fine-tuned" else params.model_name)
         result.summary["seconds"] = round(time.perf_counter() - start, 1)
         results.append(result)
-        del model
-        _free_memory()
+        del model  # this loop holds the only reference: the next model loads into freed memory
+        free_memory()
     evaluation = Evaluation(results=results, note=items.note, metrics=Metrics())
     evaluation.metrics = write_results(run, evaluation)
     return evaluation
@@ -575,14 +456,6 @@ def _load_judge(params: EvalMCQParams) -> tuple[Any, Any] | None:
     return model, use_chat_template(tokenizer, params.chat_template or None)
 
 
-def _free_memory() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def evaluate_model(label: str, model: Any, tokenizer: Any, params: EvalMCQParams, items: EvalItems,
                    vmlu: VmluItems, *, judge: tuple[Any, Any] | None = None, source: str = "") -> ModelResult:
     """Generate, parse and score the MCQs of one loaded model, check the keys, and answer the VMLU set.
@@ -615,7 +488,7 @@ def evaluate_model(label: str, model: Any, tokenizer: Any, params: EvalMCQParams
         _add_key_agreement(table, judge_model, judge_tokenizer, params)
     summary = aggregate(rows, references)
     summary.update(_extra_rates(table))
-    vmlu_table, subjects, vmlu_summary = answer_vmlu(model, tokenizer, vmlu, params)
+    vmlu_table, subjects, vmlu_summary = answer_vmlu(model, tokenizer, vmlu, **_scoring(params))
     summary.update(vmlu_summary)
     return ModelResult(label=label, model=source, predictions=table, summary=_ordered(summary), vmlu=vmlu_table,
                        vmlu_subjects=subjects)
@@ -672,36 +545,10 @@ def _predictions_table(items: EvalItems, outputs: list[str], rows: list[dict[str
     return table
 
 
-def _mcq_block(question: str, options: Sequence[str]) -> str:
-    lines = [f"Câu hỏi: {question}"] + [f"{letter}. {text}" for letter, text in zip(VMLU_LETTERS, options)]
-    return "\n".join(lines)
-
-
-def scoring_prompt(tokenizer: Any, user_text: str) -> str:
-    """The chat-template prompt whose reply starts with ``Đáp án:`` (a letter comes next)."""
-    from vinakit.chat import render_prompt
-
-    return render_prompt(tokenizer, [{"role": "user", "content": user_text}]) + ANSWER_PREFIX
-
-
-def pick_letters(model: Any, tokenizer: Any, user_texts: Sequence[str], n_choices: Sequence[int],
-                 params: EvalMCQParams) -> list[str]:
-    """The letter each prompt's reply most likely starts with, among its first ``n`` choices."""
-    from vinakit.generation import continuation_logprobs
-
-    if not user_texts:
-        return []
-    letters = VMLU_LETTERS[:max(n_choices)]
-    scores = continuation_logprobs(model, tokenizer, [scoring_prompt(tokenizer, t) for t in user_texts],
-                                   [f" {letter}" for letter in letters], batch_size=params.batch_size,
-                                   max_prompt_tokens=params.max_seq_length - 8)
-    return [letters[max(range(n), key=lambda i: row[i])] for row, n in zip(scores, n_choices)]
-
-
 def _add_key_agreement(table: Any, model: Any, tokenizer: Any, params: EvalMCQParams) -> None:
     """Answer each valid generated MCQ by letter log-probabilities, with and without its context."""
     valid = table.index[table["format_valid"]].tolist()
-    blocks = [_mcq_block(table.at[i, "question"], [table.at[i, f"option_{l.lower()}"] for l in LETTERS])
+    blocks = [mcq_block(table.at[i, "question"], [table.at[i, f"option_{l.lower()}"] for l in LETTERS])
               for i in valid]
     budget = params.max_seq_length - 16
     with_context = [_KEY_CHECK_WITH_CONTEXT.format(
@@ -709,8 +556,8 @@ def _add_key_agreement(table: Any, model: Any, tokenizer: Any, params: EvalMCQPa
         mcq=b) for i, b in zip(valid, blocks)]
     without_context = [_KEY_CHECK_WITHOUT_CONTEXT.format(mcq=b) for b in blocks]
     fours = [len(LETTERS)] * len(valid)
-    answered = pick_letters(model, tokenizer, with_context, fours, params)
-    guessed = pick_letters(model, tokenizer, without_context, fours, params)
+    answered = pick_letters(model, tokenizer, with_context, fours, **_scoring(params))
+    guessed = pick_letters(model, tokenizer, without_context, fours, **_scoring(params))
     table["judge_answer"], table["key_agrees"] = "", None
     table["judge_answer_without_context"], table["guessable_without_context"] = "", None
     for i, with_letter, without_letter in zip(valid, answered, guessed):
@@ -718,6 +565,10 @@ def _add_key_agreement(table: Any, model: Any, tokenizer: Any, params: EvalMCQPa
         table.at[i, "judge_answer"], table.at[i, "key_agrees"] = with_letter, with_letter == key
         table.at[i, "judge_answer_without_context"] = without_letter
         table.at[i, "guessable_without_context"] = without_letter == key
+
+
+def _scoring(params: EvalMCQParams) -> dict[str, int]:
+    return {"batch_size": params.batch_size, "max_prompt_tokens": params.max_seq_length - 8}
 
 
 def _token_count(tokenizer: Any, text: str) -> int:
@@ -737,33 +588,6 @@ def _extra_rates(table: Any) -> dict[str, Any]:
         extra.update(key_agreement_rate=_rate(valid, "key_agrees"),
                      guessable_without_context_rate=_rate(valid, "guessable_without_context"))
     return extra
-
-
-def answer_vmlu(model: Any, tokenizer: Any, vmlu: VmluItems, params: EvalMCQParams) -> tuple[Any, Any, dict]:
-    """Answer each VMLU question by the letter with the highest log-probability after ``Đáp án:``.
-
-    Returns:
-        ``(per-question table, per-subject table, summary)``; the summary has ``vmlu_accuracy``,
-        ``vmlu_chance`` (what guessing scores) and ``vmlu_n`` (empty when there is no VMLU set).
-    """
-    import pandas as pd
-
-    if not len(vmlu):
-        return pd.DataFrame(), pd.DataFrame(columns=["subject", "n", "accuracy"]), {}
-    table = vmlu.table.copy()
-    prompts = [_VMLU_PROMPT.format(mcq=_mcq_block(q, c)) for q, c in zip(table["question"], table["choices"])]
-    table["predicted"] = pick_letters(model, tokenizer, prompts, [len(c) for c in table["choices"]], params)
-    table["correct"] = table["predicted"] == table["answer"]
-    subjects = (table.groupby("subject", sort=True)["correct"].agg(["size", "mean"]).reset_index()
-                .rename(columns={"size": "n", "mean": "accuracy"}))
-    subjects["accuracy"] = subjects["accuracy"].round(4)
-    summary = {
-        "vmlu_n": len(table),
-        "vmlu_accuracy": round(float(table["correct"].mean()), 4),
-        "vmlu_chance": round(float((1 / table["choices"].map(len)).mean()), 4),
-        "vmlu_per_subject": dict(zip(subjects["subject"], subjects["accuracy"])),
-    }
-    return table, subjects, summary
 
 
 def _ordered(summary: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Protocol
 
 from vinakit.errors import VinakitError
 
-TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACEHUB_API_TOKEN")
 COLAB_SECRET_NAME = "HF_TOKEN"
 HUB_ENV_VAR = "VINAKIT_HUB"
 HUB_FAIL_ENV_VAR = "VINAKIT_HUB_FAIL"

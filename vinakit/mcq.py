@@ -26,9 +26,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from vinakit.data import MCQ_LETTERS as LETTERS
 from vinakit.text import normalize_vietnamese
 
-LETTERS = ("A", "B", "C", "D")
 
 # Error codes: each entry of ParsedMCQ.errors starts with one of these, then ": <detail>".
 NO_QUESTION = "no_question"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -29,40 +28,12 @@ BACKENDS: tuple[str, ...] = ("unsloth", "hf")
 
 ALL_LINEAR = "all-linear"
 
-_DTYPE_NAMES = {
-    "float32": "float32", "fp32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-}
-
 __all__ = [
-    "ALL_LINEAR", "BACKENDS", "Backend", "adapter_base_model", "add_lora", "device_summary", "load_for_inference", "load_model",
-    "load_tiny", "lora_target_modules", "pick_dtype", "prepare_for_inference", "prepare_for_training",
+    "ALL_LINEAR", "BACKENDS", "Backend", "adapter_base_model", "add_lora", "display_name", "back_to_training", "import_unsloth", "load_for_inference", "load_model",
+    "lora_target_modules", "pick_dtype", "prepare_for_inference", "prepare_for_training",
     "resolve_model_name",
     "tiny_model_dir", "trainable_parameter_summary",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The embedded model
-# --------------------------------------------------------------------------------------------------------------
-
-
-def load_tiny(cache_dir: str | os.PathLike[str] | None = None) -> tuple[Any, Any]:
-    """Load the embedded ``tiny-vi`` model in float32 with plain transformers, building it first if needed.
-
-    Args:
-        cache_dir: where builds are cached; defaults to ``$VINAKIT_CACHE`` or ``~/.cache/vinakit``.
-
-    Returns:
-        ``(model, tokenizer)``.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = tiny_model_dir(cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return model, AutoTokenizer.from_pretrained(folder)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,6 +64,17 @@ def resolve_model_name(model_name: str) -> str:
     return model_name
 
 
+def display_name(model_name: str) -> str:
+    """A short name for titles and tables: ``Llama-3.2-1B-Instruct`` for ``unsloth/Llama-3.2-1B-Instruct``,
+    ``cpt-20261129-1655/model`` for ``/abs/outputs/cpt-20261129-1655/model``, ``tiny-vi`` for its cache folder."""
+    path = Path(str(model_name).rstrip("/\\"))
+    if path.name.startswith(f"{TINY_MODEL_NAME}-") or model_name == TINY_MODEL_NAME:
+        return TINY_MODEL_NAME
+    if path.name in ("model", "adapter", "merged_16bit") and path.parent.name:
+        return f"{path.parent.name}/{path.name}"  # a run folder's output: the run names it
+    return path.name or str(model_name)
+
+
 def _looks_like_path(name: str) -> bool:
     # A hub id is "name" or "owner/name"; anything else with a separator is meant as a folder.
     return name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
@@ -104,36 +86,28 @@ def _check_backend(backend: str) -> None:
 
 
 def _cuda_available() -> bool:
-    import torch
+    from vinakit.device import active_profile
 
-    return torch.cuda.is_available()
+    return active_profile().is_gpu
 
 
-def pick_dtype(dtype: Any = None) -> Any:
-    """The torch dtype to load weights in.
+def pick_dtype(dtype: Any = None, *, full_finetuning: bool = False) -> Any:
+    """The torch dtype to load weights in, as the device policy decides (:func:`vinakit.device.load_dtype`).
 
     Args:
-        dtype: ``None`` or ``"auto"`` to choose (float32 on CPU; bfloat16 on a GPU that supports it, else
+        dtype: ``None`` or ``"auto"`` to choose (float32 on CPU; bfloat16 on a GPU with native bf16, else
             float16), a name (``"float32"``, ``"bf16"``, ``"fp16"`` ...) or a ``torch.dtype``.
+        full_finetuning: every weight is trained (float32 master weights on a GPU without bf16).
 
     Returns:
         A ``torch.dtype``.
 
     Raises:
-        ParamsError: unknown dtype name.
+        ParamsError: unknown dtype name, or bfloat16 on a GPU without native bf16.
     """
-    import torch
+    from vinakit.device import load_dtype
 
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        if not torch.cuda.is_available():
-            return torch.float32  # CPU matmuls are fastest and exact in float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    name = _DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
-    if name is None:
-        raise ParamsError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}.")
-    return getattr(torch, name)
+    return load_dtype(requested=dtype, full_finetuning=full_finetuning)
 
 
 def _local_device_map() -> dict[str, int] | None:
@@ -195,9 +169,9 @@ def load_model(
     if full_finetuning and load_in_4bit:
         raise ParamsError("full_finetuning cannot train 4-bit weights: set load_in_4bit to False.")
     if backend == "unsloth":
-        _import_unsloth()  # before anything below imports transformers
+        import_unsloth()  # before anything below imports transformers
     source = resolve_model_name(model_name)
-    torch_dtype = pick_dtype(dtype)
+    torch_dtype = pick_dtype(dtype, full_finetuning=full_finetuning)
     _seed_everything(seed)
     loader = _load_with_unsloth if backend == "unsloth" else _load_with_hf
     try:
@@ -220,7 +194,7 @@ def _load_failure_message(model_name: str, source: str, backend: str, error: Bas
             f"'{TINY_MODEL_NAME}' to run without the Hub.")
 
 
-def _import_unsloth() -> Any:
+def import_unsloth() -> Any:
     try:
         import unsloth  # noqa: F401  (patches transformers/trl/peft on import)
         from unsloth import FastLanguageModel
@@ -232,7 +206,7 @@ def _import_unsloth() -> Any:
 
 def _load_with_unsloth(source: str, *, max_seq_length: int, load_in_4bit: bool, full_finetuning: bool,
                        dtype: Any) -> tuple[Any, Any]:
-    fast_language_model = _import_unsloth()
+    fast_language_model = import_unsloth()
     extra: dict[str, Any] = {}
     if _is_distributed():
         extra["device_map"] = _local_device_map()
@@ -265,12 +239,11 @@ def _load_with_hf(source: str, *, max_seq_length: int, load_in_4bit: bool, full_
 
 
 def _nf4_config(dtype: Any) -> Any:
-    import torch
     from transformers import BitsAndBytesConfig
 
-    compute_dtype = torch.float32 if not torch.cuda.is_available() else dtype
+    # dtype comes from the device policy: float32 on a CPU, the GPU's 16-bit type otherwise.
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -372,7 +345,7 @@ def add_lora(
     targets = lora_target_modules(model, target_modules)
     saved = _split_names(modules_to_save) or None
     if backend == "unsloth":
-        fast_language_model = _import_unsloth()
+        fast_language_model = import_unsloth()
         return fast_language_model.get_peft_model(
             model, r=rank, target_modules=targets, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             bias="none", use_gradient_checkpointing="unsloth" if _cuda_available() else False,
@@ -478,7 +451,7 @@ def _load_adapter(adapter_dir: Path, *, backend: Backend, max_seq_length: int, l
                   dtype: Any, seed: int) -> tuple[Any, Any]:
     _check_backend(backend)
     if backend == "unsloth":
-        _import_unsloth()
+        import_unsloth()
     base = adapter_base_model(adapter_dir)
     if not Path(base).is_dir() and Path(base).name.startswith(f"{TINY_MODEL_NAME}-"):
         raise VinakitError(f"The adapter in {adapter_dir} was trained on a tiny-vi build at {base}, which is no "
@@ -508,9 +481,18 @@ def prepare_for_inference(model: Any, *, backend: Backend) -> Any:
     """
     _check_backend(backend)
     if backend == "unsloth":
-        fast_language_model = _import_unsloth()
+        fast_language_model = import_unsloth()
         fast_language_model.for_inference(model)
     model.eval()
+    return model
+
+
+def back_to_training(model: Any, *, backend: Backend) -> Any:
+    """Undo :func:`prepare_for_inference`: Unsloth's training path again, training mode."""
+    _check_backend(backend)
+    if backend == "unsloth":
+        import_unsloth().for_training(model)
+    model.train()
     return model
 
 
@@ -544,42 +526,3 @@ def _parameter_count(parameter: Any) -> int:
             count *= int(size)
         return count
     return int(parameter.numel())
-
-
-def device_summary() -> dict[str, Any]:
-    """Describe the accelerator (or CPU) the kit will use.
-
-    Returns:
-        ``device_type`` ("cuda" or "cpu"), ``device_name``, ``device_count`` (GPUs), ``cpu_count``,
-        ``torch_version``,
-        ``cuda_version`` (None on CPU builds), ``bf16_supported`` (GPU bf16; False on CPU),
-        ``dtype`` (what :func:`pick_dtype` chooses), ``memory_total_gb`` and, on a GPU,
-        ``memory_reserved_gb``.
-    """
-    import torch
-
-    summary: dict[str, Any] = {
-        "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda,
-        "dtype": str(pick_dtype()).removeprefix("torch."),
-        "device_count": torch.cuda.device_count(),
-        "cpu_count": os.cpu_count(),
-    }
-    if torch.cuda.is_available():
-        index = torch.cuda.current_device()
-        properties = torch.cuda.get_device_properties(index)
-        summary.update(
-            device_type="cuda", device_name=properties.name, bf16_supported=bool(torch.cuda.is_bf16_supported()),
-            memory_total_gb=round(properties.total_memory / 2**30, 2),
-            memory_reserved_gb=round(torch.cuda.memory_reserved(index) / 2**30, 2))
-    else:
-        summary.update(
-            device_type="cpu", device_name=platform.processor() or platform.machine(), bf16_supported=False, memory_total_gb=_system_memory_gb())
-    return summary
-
-
-def _system_memory_gb() -> float | None:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 2)
-    except (ValueError, OSError, AttributeError):
-        return None  # not available on this OS (e.g. Windows)

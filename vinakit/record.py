@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from vinakit.errors import RunFolderExistsError
+from vinakit.errors import RunFolderExistsError, VinakitError
 
 # Written by `vinakit run` into a folder it reserves for the notebook it is about to execute.
 RESERVED_MARKER = ".reserved-by-vinakit-run"
@@ -28,8 +28,6 @@ RESERVED_MARKER = ".reserved-by-vinakit-run"
 TRACKED_PACKAGES = ("vinakit", "torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "bitsandbytes",
                     "accelerate", "datasets", "tokenizers", "huggingface_hub", "papermill", "pandas")
 
-# Environment variables that must never reach a file in the run folder.
-SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACEHUB_API_TOKEN")
 
 
 def default_run_name(notebook: str, now: _dt.datetime | None = None) -> str:
@@ -66,17 +64,18 @@ def _claim_run_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str | None]:
     """Installed versions of the libraries a run depends on (None when not installed)."""
     versions: dict[str, str | None] = {}
-    for name in TRACKED_PACKAGES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    from vinakit import __version__
+    if "vinakit" in versions:
+        from vinakit import __version__
 
-    versions["vinakit"] = versions["vinakit"] or __version__  # a checkout used without installing
+        versions["vinakit"] = versions["vinakit"] or __version__  # a checkout used without installing
     return versions
 
 
@@ -106,20 +105,40 @@ def _json_default(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (UTF-8, Vietnamese kept readable)."""
-    text = json.dumps(data, ensure_ascii=False, indent=2, default=_json_default)
-    _check_no_secret(text, path)
+    """Write JSON atomically (UTF-8, Vietnamese kept readable); refuses a token's value (see :func:`write_text`)."""
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=2, default=_json_default) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A JSON file the kit wrote ({} when it does not exist).
+
+    Raises:
+        VinakitError: the file is not valid JSON (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise VinakitError(f"Cannot read {path}: {error}") from error
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file the kit produces (run records, cards, previews) atomically, after refusing any token value.
+
+    Every file the kit writes into a run folder or a folder that may be published goes through here.
+
+    Raises:
+        HubError: ``text`` contains the value of ``HF_TOKEN`` (or another token variable); nothing is written.
+    """
+    from vinakit.hub import assert_no_secret
+
+    path = Path(path)
+    assert_no_secret(text, path.name)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-
-
-def _check_no_secret(text: str, path: Path) -> None:
-    """Refuse to write a token value into the run folder (defence in depth)."""
-    for name in SECRET_ENV_VARS:
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 8 and secret in text:
-            raise RuntimeError(f"Refusing to write {path.name}: it would contain the value of ${name}.")
 
 
 class Metrics(dict):
@@ -143,8 +162,7 @@ class Run:
         return self.path / "metrics.json"
 
     def read_json(self, name: str) -> dict[str, Any]:
-        path = self.path / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        return read_json(self.path / name)
 
     def update_manifest(self, **entries: Any) -> None:
         """Merge entries into manifest.json."""
@@ -172,6 +190,12 @@ class Run:
         return path
 
     def finish(self, status: str = "completed") -> None:
+        """Mark the run finished; on a GPU also record its peak memory next to the plan's estimate."""
+        from vinakit.device import peak_memory_gib
+
+        peak = peak_memory_gib()  # None on a CPU
+        if peak is not None:
+            self.log_metrics(peak_memory_gib=max(peak, self.read_json("metrics.json").get("peak_memory_gib") or 0))
         self.update_manifest(status=status, finished_at=_now())
 
 
@@ -190,9 +214,7 @@ def start_run(params: Any) -> Run:
     _claim_run_dir(path)
     values = params.to_dict()
     values["run_name"] = run_name
-    text = yaml.safe_dump(values, allow_unicode=True, sort_keys=False)
-    _check_no_secret(text, path / "params.yaml")
-    (path / "params.yaml").write_text(text, encoding="utf-8")
+    write_text(path / "params.yaml", yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
     run = Run(path=path.resolve(), notebook=params.notebook)
     run.update_manifest(
         notebook=params.notebook,

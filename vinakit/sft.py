@@ -8,24 +8,14 @@ from vinakit.params import LoraParams, SFTParams
 from vinakit.record import Run
 
 
-def read_data(params: SFTParams) -> Any:
-    """Load, clean and split the chat data exactly as training does (the export re-creates the validation split)."""
-    from vinakit.data import load_chat_dataset
-
-    return load_chat_dataset(
-        params.dataset,
-        val_source=params.val_dataset or None,
-        val_size=0.0 if params.val_dataset else params.val_split,
-        skip_bad_rows=params.skip_bad_rows,
-        normalize=params.normalize_text,
-        tone_style=params.tone_style,
-        seed=params.seed,
-    )
-
-
 def load_data(params: SFTParams, run: Run) -> Any:
-    """Load, clean and split the chat data; the data report goes into the run manifest."""
-    data = read_data(params)
+    """Load, clean and split the chat data; the data report goes into the run manifest.
+
+    Through :func:`vinakit.runs.load_sft_data`, which eval and export use to re-create the validation split.
+    """
+    from vinakit.runs import load_sft_data
+
+    data = load_sft_data(params)
     run.add_data_report("train", data.report)
     return data
 
@@ -34,13 +24,16 @@ def load_model(params: LoraParams, run: Run, *, modules_to_save: list[str] | Non
     """Load the model on the chosen backend, set the chat template and add LoRA (unless full fine-tuning)."""
     from vinakit import model as model_lib
     from vinakit.chat import use_chat_template
+    from vinakit.device import device_summary
+    from vinakit.plan import check_before_loading
 
+    check_before_loading(params, run, modules_to_save=modules_to_save)  # records the estimate, warns if too big
     model, tokenizer = model_lib.load_model(
         params.model_name, backend=params.backend, max_seq_length=params.max_seq_length,
         load_in_4bit=params.load_in_4bit, full_finetuning=params.full_finetuning, seed=params.seed)
     tokenizer = use_chat_template(tokenizer, params.chat_template or None)
     model = model_lib.prepare_for_training(model, params, modules_to_save=modules_to_save)
-    run.update_manifest(device=model_lib.device_summary(),
+    run.update_manifest(device=device_summary(),
                         trainable_parameters=model_lib.trainable_parameter_summary(model))
     return model, tokenizer
 
@@ -67,9 +60,8 @@ def masking_preview_html(tokenizer: Any, tokenized: Any, n: int) -> str:
 
 def train(params: SFTParams, model: Any, tokenizer: Any, tokenized: Any, run: Run) -> dict[str, Any]:
     """Train on the backend's trainer, save the adapter first of all, then return the run's metrics."""
-    from vinakit.train import build_trainer, resolve_optimizer, run_training, save_trained
+    from vinakit.train import build_trainer, run_training, save_trained
 
-    run.update_manifest(optimizer=resolve_optimizer(params.optim))
     trainer = build_trainer(model, tokenizer, tokenized.train, tokenized.validation, params, run)
     metrics = run_training(trainer, params, run)
     save_trained(model, tokenizer, run, params, name="model" if params.full_finetuning else "adapter")

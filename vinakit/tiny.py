@@ -278,3 +278,21 @@ def _random_llama(tokenizer: Any) -> Any:
     model.generation_config = GenerationConfig(
         eos_token_id=[end_of_turn_id, eos_id], pad_token_id=pad_id, bos_token_id=None)
     return model
+
+
+def load_tiny(cache_dir: str | os.PathLike[str] | None = None, dtype: Any = None) -> tuple[Any, Any]:
+    """Load the embedded ``tiny-vi`` model with plain transformers, building it first if needed.
+
+    Args:
+        cache_dir: where builds are cached; defaults to ``$VINAKIT_CACHE`` or ``~/.cache/vinakit``.
+        dtype: the weights' dtype (default float32).
+
+    Returns:
+        ``(model, tokenizer)``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_model_dir(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    return model, AutoTokenizer.from_pretrained(folder)

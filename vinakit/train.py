@@ -6,7 +6,6 @@ length-grouped sampler and the same collator, so the only difference between the
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
@@ -14,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vinakit.record import Run
+from vinakit.packing import TokenCountingCollator
+from vinakit.record import Run, write_json
+from vinakit.runs import TRAINING_INFO_FILE
 
-TRAINING_INFO_FILE = "vinakit_training.json"
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -65,58 +65,83 @@ def _model_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"input_ids": r["input_ids"], "labels": r["labels"], "length": len(r["input_ids"])} for r in rows]
 
 
-class PaddingCountingCollator:
+class PaddingCountingCollator(TokenCountingCollator):
     """TRL's language-modelling collator, counting real and padded tokens (the non-pad share)."""
 
     def __init__(self, pad_token_id: int) -> None:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+        super().__init__()
         self.inner = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-        self.real_tokens = 0
-        self.padded_tokens = 0
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
         batch = self.inner(examples)
-        self.real_tokens += int(batch["attention_mask"].sum())
-        self.padded_tokens += int(batch["input_ids"].numel())
+        self.count(batch["attention_mask"])
         return batch
-
-    @property
-    def nonpad_share(self) -> float | None:
-        return self.real_tokens / self.padded_tokens if self.padded_tokens else None
 
 
 # ----------------------------------------------------------------------------------------------- trainer
 
 
-def on_gpu() -> bool:
-    import torch
+def kit_config_class(backend: str) -> type:
+    """The kit's training config ``KitSFTConfig``: TRL's ``SFTConfig`` plus two real dataclass fields.
 
-    return torch.cuda.is_available()
+    ``embedding_learning_rate`` (the embeddings' own optimizer group, read by the kit's and Unsloth's trainers)
+    and ``length_buckets`` (batches of similar length, read by ``_KitTrainerMixin``) survive ``to_dict`` and the
+    pickled ``training_args.bin`` like every other argument. TRL is imported only here (after Unsloth, on that
+    backend), so the class is made on first use and then lives in this module as ``KitSFTConfig``.
+    """
+    if backend == "unsloth":
+        from vinakit.model import import_unsloth
+
+        import_unsloth()  # Unsloth must patch TRL before TRL is imported
+    if "KitSFTConfig" not in globals():
+        globals()["KitSFTConfig"] = _make_kit_config()
+    return globals()["KitSFTConfig"]
 
 
-def resolve_optimizer(name: str) -> str:
-    """8-bit optimizers need a GPU; on CPU fall back to plain AdamW (recorded in the manifest)."""
-    if "8bit" in name and not on_gpu():
-        return "adamw_torch"
-    return name
+def _make_kit_config() -> type:
+    from trl import SFTConfig
+
+    @dataclass
+    class KitSFTConfig(SFTConfig):
+        embedding_learning_rate: float | None = field(
+            default=None, metadata={"help": "learning rate of embed_tokens/lm_head (None: learning_rate)"})
+        length_buckets: bool = field(default=True, metadata={"help": "batch rows of similar length together"})
+
+    KitSFTConfig.__module__, KitSFTConfig.__qualname__ = __name__, "KitSFTConfig"  # picklable by name
+    return KitSFTConfig
 
 
-def training_arguments(params: Any, run: Run, *, has_eval: bool, **extra: Any) -> Any:
-    """SFTConfig (or UnslothTrainingArguments) from the notebook parameters."""
-    kwargs: dict[str, Any] = dict(
+def __getattr__(name: str) -> Any:
+    # Unpickling a checkpoint's training_args.bin in a fresh process looks the class up by name.
+    if name == "KitSFTConfig":
+        return kit_config_class("hf")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def training_arguments(params: Any, run: Run, model: Any, *, has_eval: bool) -> Any:
+    """The kit's SFT config from the notebook parameters; precision and optimizer come from the device policy.
+
+    The bf16/fp16 flags follow the *loaded* model's dtype (see :func:`vinakit.device.trainer_precision`).
+    """
+    from vinakit.device import optimizer_name, single_gpu_arguments, trainer_precision
+
+    config = kit_config_class(params.backend)(
         output_dir=str(run.path / "checkpoints"),
         per_device_train_batch_size=params.per_device_train_batch_size,
         per_device_eval_batch_size=params.per_device_train_batch_size,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
         learning_rate=params.learning_rate,
+        embedding_learning_rate=getattr(params, "embedding_learning_rate", None),
+        length_buckets=params.group_by_length,
         num_train_epochs=params.num_train_epochs,
         max_steps=params.max_steps,
         warmup_steps=params.warmup_ratio,  # a float < 1 is a ratio of the total steps
         lr_scheduler_type=params.lr_scheduler_type,
         weight_decay=params.weight_decay,
-        optim=resolve_optimizer(params.optim),
+        optim=optimizer_name(params.optim),
         logging_steps=params.logging_steps,
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -131,36 +156,21 @@ def training_arguments(params: Any, run: Run, *, has_eval: bool, **extra: Any) -
         remove_unused_columns=False,
         length_column_name="length",
         dataloader_num_workers=0,
+        # TRL's chunked loss multiplies by lm_head's base weight itself, which skips a LoRA on lm_head.
+        loss_type="nll" if _has_lora(model.get_output_embeddings()) else None,
+        **trainer_precision(model),
     )
-    if on_gpu():
-        import torch
+    return single_gpu_arguments(config)
 
-        bf16 = torch.cuda.is_bf16_supported()
-        kwargs.update(bf16=bf16, fp16=not bf16)
-    else:
-        # TRL's SFTConfig defaults to bf16 autocast; on a CPU the kit trains the float32 weights as loaded.
-        kwargs.update(use_cpu=True, bf16=False, fp16=False)
-    kwargs.update(extra)
-    if params.backend == "unsloth":
-        from unsloth import UnslothTrainingArguments
 
-        config = UnslothTrainingArguments(**kwargs)
-    else:
-        from trl import SFTConfig
-
-        embedding_lr = kwargs.pop("embedding_learning_rate", None)
-        config = SFTConfig(**kwargs)
-        config.embedding_learning_rate = embedding_lr
-    config.vinakit_length_buckets = params.group_by_length  # read by the kit's trainer (LengthBucketSampler)
-    return config
+def _has_lora(module: Any) -> bool:
+    return module is not None and hasattr(module, "lora_A")
 
 
 def build_trainer(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: Any | None, params: Any,
-                  run: Run, *, embedding_learning_rate: float | None = None, callbacks: list[Any] | None = None
-                  ) -> Any:
+                  run: Run, *, callbacks: list[Any] | None = None) -> Any:
     """The backend's trainer over pre-tokenised data, with loss history and padding accounting."""
-    extra = {} if embedding_learning_rate is None else {"embedding_learning_rate": embedding_learning_rate}
-    args = training_arguments(params, run, has_eval=eval_dataset is not None, **extra)
+    args = training_arguments(params, run, model, has_eval=eval_dataset is not None)
     collator = PaddingCountingCollator(_pad_id(tokenizer))
     history = LossHistory()
     trainer_cls = _trainer_class(params.backend)
@@ -236,7 +246,7 @@ class _KitTrainerMixin:
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         dataset = self.train_dataset
-        if getattr(self.args, "vinakit_length_buckets", False) and "length" in dataset.column_names:
+        if self.args.length_buckets and "length" in dataset.column_names:
             return LengthBucketSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
         return super()._get_train_sampler(*args, **kwargs)
 
@@ -253,7 +263,7 @@ class _EmbeddingGroupMixin:
     """TRL's SFTTrainer with the embedding learning rate as its own parameter group (Unsloth has its own)."""
 
     def create_optimizer(self, *args: Any, **kwargs: Any) -> Any:
-        embedding_lr = getattr(self.args, "embedding_learning_rate", None)
+        embedding_lr = self.args.embedding_learning_rate
         if embedding_lr is None or self.optimizer is not None:
             return super().create_optimizer(*args, **kwargs)
         self.optimizer = build_optimizer_with_embedding_group(self, embedding_lr)
@@ -319,31 +329,39 @@ def _as_callback(history: LossHistory) -> Any:
 
 
 def last_checkpoint(run_folder: str | Path) -> Path:
-    """The newest ``checkpoint-N`` folder of a run folder (or a checkpoints folder, or a checkpoint itself)."""
+    """The newest ``checkpoint-N`` of a run folder, its ``checkpoints/`` folder, or a checkpoint itself.
+
+    transformers' ``get_last_checkpoint`` finds the newest checkpoint in one folder; the kit adds the run-folder
+    layout (``<run>/checkpoints/``) and an error that says where it looked.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
     from vinakit.errors import VinakitError
 
     folder = Path(run_folder).expanduser()
     if (folder / "trainer_state.json").exists():
         return folder
-    roots = [folder / "checkpoints", folder]
-    found = [p for root in roots if root.is_dir() for p in root.glob("checkpoint-*") if p.is_dir()]
-    found = [p for p in found if p.name.split("-")[-1].isdigit()]
-    if not found:
-        raise VinakitError(f"resume_from={run_folder}: no checkpoint-N folder found there (looked in "
-                           f"{folder}/checkpoints). Checkpoints are written every save_steps steps.")
-    return max(found, key=lambda p: int(p.name.split("-")[-1]))
+    for root in (folder / "checkpoints", folder):
+        found = get_last_checkpoint(str(root)) if root.is_dir() else None
+        if found:
+            return Path(found)
+    raise VinakitError(f"resume_from={run_folder}: no checkpoint-N folder found there (looked in "
+                       f"{folder}/checkpoints). Checkpoints are written every save_steps steps.")
 
 
 def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
     """Train (resuming if asked), then return and record the metrics of the run."""
+    from vinakit.device import peak_memory_gib, reset_peak_memory
+
     checkpoint = str(last_checkpoint(params.resume_from)) if params.resume_from else None
-    if checkpoint:
-        run.update_manifest(resumed_from=checkpoint)
+    run.update_manifest(precision={"bf16": trainer.args.bf16, "fp16": trainer.args.fp16},
+                        optimizer=trainer.args.optim, **({"resumed_from": checkpoint} if checkpoint else {}))
+    reset_peak_memory()
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
     history: LossHistory = trainer.vinakit_history
-    collator: PaddingCountingCollator = trainer.vinakit_collator
+    collator: TokenCountingCollator = trainer.vinakit_collator
     metrics: dict[str, Any] = {
         "train_loss": float(result.training_loss),
         "train_loss_history": [loss for _, loss in history.train],
@@ -353,6 +371,7 @@ def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
         "train_tokens_seen": collator.real_tokens,
         "tokens_per_second": round(collator.real_tokens / seconds, 1) if seconds > 0 else None,
         "nonpad_token_share": round(collator.nonpad_share, 4) if collator.nonpad_share else None,
+        "peak_memory_gib": peak_memory_gib(),  # None on CPU
     }
     if trainer.eval_dataset is not None:
         final = trainer.evaluate()  # logged through the history callback too
@@ -378,16 +397,18 @@ def save_trained(model: Any, tokenizer: Any, run: Run, params: Any, *, name: str
         "train_on": getattr(params, "train_on", None),
         "run": run.path.name,
     }
-    (folder / TRAINING_INFO_FILE).write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n",
-                                             encoding="utf-8")
+    write_json(folder / TRAINING_INFO_FILE, info)
     run.update_manifest(saved_model=str(folder))
     return folder
 
 
-def plot_losses(metrics: dict[str, Any], title: str = "Loss") -> Any:
-    """A matplotlib figure of the train (and validation) loss curves."""
+def plot_losses(metrics: dict[str, Any], title: str = "Loss", model_name: str = "") -> Any:
+    """A matplotlib figure of the train (and validation) loss curves, titled with the model's short name."""
     import matplotlib.pyplot as plt
 
+    from vinakit.model import display_name
+
+    title = f"{title}: {display_name(model_name)}" if model_name else title
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(metrics.get("train_loss_steps", []), metrics.get("train_loss_history", []), label="train")
     if metrics.get("eval_loss_history"):
