@@ -286,12 +286,16 @@ def report(rows: list[Row], setup: Setup) -> str:
              f"run folders: {setup.out}", "",
              "| step | status | seconds | figures |", "|---|---|---|---|"]
     for row in rows:
-        figures = ", ".join(f"{k} {v}" for k, v in row.figures.items() if v is not None) or row.note
+        figures = ", ".join(f"{k} {_short(v)}" for k, v in row.figures.items() if v is not None) or row.note
         lines.append(f"| {row.step} | {row.status} | {row.seconds} | {figures} |")
     ratio = _backend_ratio(rows)
     if ratio:
         lines += ["", f"Unsloth / hf tokens/s: {ratio}"]
     return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _backend_ratio(rows: list[Row]) -> str:

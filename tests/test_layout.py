@@ -47,3 +47,14 @@ def test_modules_stay_small() -> None:
     sizes = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.glob("*.py")}
     assert {name: n for name, n in sizes.items() if n > 700} == {}
     assert sizes["export.py"] < 500 and sizes["cpt.py"] < 500
+
+
+def test_lines_stay_within_the_configured_length() -> None:
+    root = PACKAGE.parent
+    limit = int(next(line.split("=")[1].split("#")[0] for line in (root / "pyproject.toml").read_text().splitlines()
+                     if line.startswith("line-length")))
+    long_lines = [f"{path.relative_to(root)}:{number}" for folder in ("vinakit", "tests", "bench")
+                  for path in sorted((root / folder).glob("*.py"))
+                  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+                  if len(line) > limit]
+    assert not long_lines, long_lines

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
@@ -90,9 +89,7 @@ def test_tiny_model_second_call_reuses_the_cache(module_cache: Path) -> None:
 
     first = tiny_model_dir()
     built_at = (first / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
     second = tiny_model_dir()
-    assert time.perf_counter() - start < 1.0
     assert second == first and (second / "model.safetensors").stat().st_mtime_ns == built_at
     assert [p.name for p in module_cache.iterdir()] == [first.name]  # no temp folders left behind
 

@@ -29,10 +29,10 @@ BACKENDS: tuple[str, ...] = ("unsloth", "hf")
 ALL_LINEAR = "all-linear"
 
 __all__ = [
-    "ALL_LINEAR", "BACKENDS", "Backend", "adapter_base_model", "add_lora", "display_name", "back_to_training", "import_unsloth", "load_for_inference", "load_model",
-    "lora_target_modules", "pick_dtype", "prepare_for_inference", "prepare_for_training",
-    "resolve_model_name",
-    "tiny_model_dir", "trainable_parameter_summary",
+    "ALL_LINEAR", "BACKENDS", "Backend", "adapter_base_model", "add_lora", "back_to_training", "display_name",
+    "import_unsloth", "load_for_inference", "load_model", "lora_target_modules", "pick_dtype",
+    "prepare_for_inference", "prepare_for_training", "resolve_model_name", "tiny_model_dir",
+    "trainable_parameter_summary",
 ]
 
 

@@ -329,24 +329,33 @@ def _as_callback(history: LossHistory) -> Any:
 
 
 def last_checkpoint(run_folder: str | Path) -> Path:
-    """The newest ``checkpoint-N`` of a run folder, its ``checkpoints/`` folder, or a checkpoint itself.
+    """The newest complete ``checkpoint-N`` of a run folder, its ``checkpoints/`` folder, or a checkpoint itself.
 
-    transformers' ``get_last_checkpoint`` finds the newest checkpoint in one folder; the kit adds the run-folder
-    layout (``<run>/checkpoints/``) and an error that says where it looked.
+    transformers' ``get_last_checkpoint`` takes the highest number in one folder, also a checkpoint that a killed
+    run left half-written. The trainer writes ``trainer_state.json`` last, so the kit takes the newest checkpoint
+    whose state file reads as JSON, and it knows the run-folder layout (``<run>/checkpoints/``).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     from vinakit.errors import VinakitError
 
     folder = Path(run_folder).expanduser()
     if (folder / "trainer_state.json").exists():
         return folder
-    for root in (folder / "checkpoints", folder):
-        found = get_last_checkpoint(str(root)) if root.is_dir() else None
-        if found:
-            return Path(found)
-    raise VinakitError(f"resume_from={run_folder}: no checkpoint-N folder found there (looked in "
-                       f"{folder}/checkpoints). Checkpoints are written every save_steps steps.")
+    found = [path for root in (folder / "checkpoints", folder) if root.is_dir() for path in root.glob("checkpoint-*")
+             if path.name.split("-")[-1].isdigit() and _complete_checkpoint(path)]
+    if not found:
+        raise VinakitError(f"resume_from={run_folder}: no complete checkpoint-N folder found there (looked in "
+                           f"{folder}/checkpoints). Checkpoints are written every save_steps steps.")
+    return max(found, key=lambda path: int(path.name.split("-")[-1]))
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    import json
+
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
