@@ -164,3 +164,21 @@ def test_simulated_gpu_profile_in_a_fresh_process_is_refused_on_cpu() -> None:
         assert result.returncode == 0
     else:
         assert result.returncode != 0 and "simulates a GPU" in result.stderr
+
+
+def test_merge_and_compare_dtypes_follow_the_device_and_its_memory() -> None:
+    import torch
+
+    from vinakit.device import compare_dtype, merge_dtype
+
+    cpu, t4, a100 = profile_named("cpu"), profile_named("t4"), profile_named("a100")
+    assert merge_dtype("bfloat16", cpu) == torch.float32, "a CPU merges exactly, in float32"
+    assert merge_dtype("bfloat16", a100) == torch.bfloat16
+    assert merge_dtype("bfloat16", t4) == torch.float16, "a T4 has no native bf16"
+    assert merge_dtype("float16", t4) == torch.float16
+    one_b, seven_b = 1_240_000_000, 7_620_000_000
+    assert compare_dtype(seven_b, "bfloat16", cpu) == torch.float32
+    assert compare_dtype(one_b, "bfloat16", t4) == torch.float32, "a float32 1B model (5 GB) fits a T4"
+    assert compare_dtype(seven_b, "bfloat16", t4) == torch.float16
+    assert compare_dtype(seven_b, "bfloat16", a100) == torch.bfloat16, "28 GiB is over 60% of 40 GiB"
+    assert compare_dtype(seven_b, "bfloat16", profile_named("a100-80")) == torch.float32

@@ -62,6 +62,9 @@ def check_run_folder(run: Path, name: str) -> dict:
     assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
     executed = load(run / f"{name}.ipynb")
     assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code")
+    metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
+    # every notebook plans its memory before it loads a model (vinakit.plan), on a CPU too
+    assert isinstance(metrics["estimated_peak_memory_gib"], float) and manifest["memory_plan"]["fits"] in (True, False)
     return manifest
 
 

@@ -30,9 +30,11 @@ _DTYPE_NAMES = {
 }
 
 __all__ = [
-    "DeviceError", "DeviceProfile", "PROFILES", "PROFILE_ENV_VAR", "active_profile", "device_summary", "dtype_name",
-    "free_memory", "input_device", "load_dtype", "load_dtype_name", "merge_dtype", "model_dtype", "optimizer_name",
-    "peak_memory_gib", "pin_single_gpu", "profile_named", "reset_peak_memory", "trainer_flags", "trainer_precision",
+    "DeviceError", "DeviceProfile", "PROFILES", "PROFILE_ENV_VAR", "active_profile", "compare_dtype",
+    "compare_dtype_name", "device_summary", "dtype_name", "free_memory", "input_device", "load_dtype",
+    "load_dtype_name", "merge_dtype", "merge_dtype_name",
+    "model_dtype", "optimizer_name", "peak_memory_gib", "pin_single_gpu", "profile_named", "reset_peak_memory",
+    "trainer_flags", "trainer_precision",
 ]
 
 
@@ -263,10 +265,31 @@ def optimizer_name(requested: str, profile: DeviceProfile | None = None) -> str:
 
 
 def merge_dtype(saved_dtype: str, profile: DeviceProfile | None = None) -> Any:
+    """The torch dtype to merge models in (see :func:`merge_dtype_name`)."""
+    return _torch_dtype(merge_dtype_name(saved_dtype, profile or active_profile()))
+
+
+def merge_dtype_name(saved_dtype: str, profile: DeviceProfile) -> str:
     """The dtype to merge and compare models in: float32 on a CPU (exact sums, one rounding when saving), the
-    saved dtype on a GPU (a float32 copy of a 3B model alone fills most of a T4)."""
-    profile = profile or active_profile()
-    return _torch_dtype("float32" if not profile.is_gpu else saved_dtype)
+    saved dtype on a GPU (a float32 copy of a 3B model alone fills most of a T4), float16 for bfloat16 weights on
+    a GPU without native bf16 (the save casts back)."""
+    if not profile.is_gpu:
+        return "float32"
+    name = dtype_name(saved_dtype)
+    return "float16" if name == "bfloat16" and not profile.native_bf16 else name
+
+
+def compare_dtype(parameters: int, saved_dtype: str, profile: DeviceProfile | None = None) -> Any:
+    """The torch dtype to compare models in (see :func:`compare_dtype_name`)."""
+    return _torch_dtype(compare_dtype_name(parameters, saved_dtype, profile or active_profile()))
+
+
+def compare_dtype_name(parameters: int, saved_dtype: str, profile: DeviceProfile) -> str:
+    """The dtype the export's fidelity check compares in: float32, exact, on a CPU and wherever a float32 copy of
+    the model takes under 60% of the GPU; else the merge dtype."""
+    if not profile.is_gpu or parameters * 4 < 0.6 * profile.memory_gib * 2**30:
+        return "float32"
+    return merge_dtype_name(saved_dtype, profile)
 
 
 def single_gpu_arguments(arguments: Any) -> Any:

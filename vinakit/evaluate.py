@@ -400,6 +400,9 @@ def evaluate_models(params: EvalMCQParams, run: Run, items: EvalItems, vmlu: Vml
                     trained: TrainedModel) -> Evaluation:
     """Evaluate the base model (when asked, or when there is no adapter) and the fine-tuned model, one after
     the other (each is freed before the next loads), and write predictions, comparison and metrics."""
+    from vinakit.plan import check_before_loading
+
+    check_before_loading(params, run)  # records the estimate, warns if it will not fit
     judge = _load_judge(params)
     results = []
     for label in _labels(params, trained):
@@ -625,7 +628,7 @@ def write_results(run: Run, evaluation: Evaluation) -> Metrics:
     evaluation.comparison().to_csv(run.path / "comparison.csv", index=False, encoding="utf-8-sig")
     primary = evaluation.primary
     others = {r.label.replace("-", "_"): r.summary for r in evaluation.results if r is not primary}
-    return run.log_metrics(**primary.summary, model=primary.label, items_note=evaluation.note, **others)
+    return run.log_headline_metrics(**primary.summary, model=primary.label, items_note=evaluation.note, **others)
 
 
 def plot_comparison(evaluation: Evaluation) -> Any:

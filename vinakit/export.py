@@ -38,6 +38,7 @@ from vinakit.errors import ParamsError, VinakitError
 from vinakit.fidelity import FIDELITY_FILE, FidelityError, FidelityReport
 from vinakit.hub import Hub, HubError
 from vinakit.merge import MERGED_DIR, MergedModel
+from vinakit.plan import check_before_loading
 from vinakit.publish import GGUF_DIR, GGUFResult, ModelCards, PublishBlockedError, PublishReport
 from vinakit.record import Run, read_json, write_json
 from vinakit.runs import (ADAPTER_DIR, TRAINING_INFO_FILE, TrainedRun, ValidationRows, WeightsKind, base_model_16bit,
@@ -154,6 +155,7 @@ def load_source(params: Any, run: Run) -> ExportSource:
         "trained_in_4bit": source.trained_in_4bit, "weights_sha256": folder_fingerprint(source.path),
         "merge_with": [str(other.path) for other in extra],
     })
+    check_before_loading(params, run)  # records the estimate, warns if it will not fit
     return source
 
 

@@ -308,21 +308,16 @@ def _comparison_metrics(rows: Mapping[str, Comparison]) -> dict[str, float]:
 
 
 def check_dtype(config_source: str | Path, saved_dtype: str) -> Any:
-    """The dtype to compare in: float32 (exact) unless a float32 copy would not fit in the device's memory, then
-    the dtype the merge is saved in. Only one model is alive at a time (:func:`measure`)."""
-    import torch
+    """The dtype to compare in, as the device policy decides (:func:`vinakit.device.compare_dtype`) for a model of
+    this size. Only one model is alive at a time (:func:`measure`)."""
     from transformers import AutoConfig
 
-    from vinakit.device import active_profile, merge_dtype
+    from vinakit.device import compare_dtype
 
-    profile = active_profile()
-    if not profile.is_gpu:
-        return torch.float32
     config = AutoConfig.from_pretrained(config_source)
     hidden, layers = getattr(config, "hidden_size", 4096), getattr(config, "num_hidden_layers", 32)
     approx_params = 12 * hidden * hidden * layers + 2 * getattr(config, "vocab_size", 128000) * hidden
-    fits = approx_params * 4 < 0.6 * profile.memory_gib * 2**30
-    return torch.float32 if fits else merge_dtype(saved_dtype, profile)
+    return compare_dtype(approx_params, saved_dtype)
 
 
 def record_fidelity(report: FidelityReport, run: Any, *, adapter_dir: Path, source_kind: str, merged_dir: Path

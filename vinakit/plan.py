@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 
 from typing import Any, Iterable, Mapping, Sequence
 
-from vinakit.device import (PROFILE_ENV_VAR, DeviceProfile, active_profile, detected_profile, load_dtype_name,
-                            optimizer_name, profile_named, trainer_flags)
+from vinakit.device import (PROFILE_ENV_VAR, DeviceProfile, active_profile, compare_dtype_name, detected_profile,
+                            load_dtype_name, optimizer_name, profile_named, trainer_flags)
 from vinakit.errors import ParamsError
 from vinakit.model_sizes import ModelSizes, model_sizes
 from vinakit.record import read_json
@@ -484,11 +484,8 @@ def _export_parts(params: Any, profile: DeviceProfile, models: _Models) -> tuple
 
 
 def _fidelity_dtype(sizes: ModelSizes, profile: DeviceProfile) -> str:
-    """float32 unless a float32 copy would take over 60% of the GPU, then 16-bit (as vinakit.fidelity.check_dtype
-    decides)."""
-    if not profile.is_gpu or sizes.parameters * 4 < 0.6 * profile.memory_gib * GIB:
-        return "float32"
-    return load_dtype_name(profile)
+    """The dtype the fidelity check compares in, as the device policy decides for this model."""
+    return compare_dtype_name(sizes.parameters, load_dtype_name(profile), profile)
 
 
 # --------------------------------------------------------------------------------------------------------------

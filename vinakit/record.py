@@ -183,6 +183,13 @@ class Run:
         write_json(self.metrics_path, current)
         return Metrics(current)
 
+    def log_headline_metrics(self, **metrics: Any) -> Metrics:
+        """Like :meth:`log_metrics`, with these metrics first in the file (a model card lists the first few)."""
+        earlier = self.read_json("metrics.json")
+        current = {**metrics, **{name: value for name, value in earlier.items() if name not in metrics}}
+        write_json(self.metrics_path, current)
+        return Metrics(current)
+
     def save_figure(self, figure: Any, name: str) -> Path:
         """Save a matplotlib figure as PNG in the run folder."""
         path = self.path / (name if name.endswith(".png") else f"{name}.png")
