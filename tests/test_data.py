@@ -149,7 +149,7 @@ def test_report_counts_each_text_fix(tmp_path: Path) -> None:
     data = load_chat_dataset(path)
     assert contents(data) == [["Tiếng Việt", "Đúng rồi."], ["Sức khỏe", "Hòa bình."]]
     assert data.report.text.to_dict() == {"strings": 4, "changed": 4, "nfc": 1, "zero_width": 1,
-                                          "mojibake": 1, "tone_marks": 2}
+                                          "mojibake": 1, "tone_marks": 2, "line_endings": 0}
     assert data.report.to_dict()["text_normalization"]["mojibake"] == 1
 
 
@@ -587,3 +587,60 @@ def test_read_rows_gives_another_schema_the_same_located_errors(tmp_path):
     items, report, label = read_rows(path, to_item, skip_bad_rows=True)
     assert [item["line"] for item in items] == [1, 3] and label == str(path)
     assert report.rows_read == 3 and report.rows_used == 2 and report.skip_reasons["missing_field"] == 1
+
+
+# --- invisible-only fields and Windows line endings -------------------------------------------------------------
+
+INVISIBLE = "\u200b\u200c\u2060\ufeff\u00ad"  # nothing a reader sees: what a copy from a web page can leave
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_invisible_only_answers_and_alpaca_fields_are_empty(tmp_path: Path, normalize: bool) -> None:
+    path = write_jsonl(tmp_path / "invisible.jsonl", [
+        chat("Thủ đô của Việt Nam?", "Hà Nội."),
+        chat("Sông dài nhất?", INVISIBLE),
+        {"instruction": INVISIBLE, "output": "Hòa bình."},
+        {"instruction": "Dịch sang tiếng Anh", "input": INVISIBLE, "output": "Peace.", "system": "\u200b"},
+    ])
+    with pytest.raises(DataError, match=r"line 2, field 'messages\[1\].content': the assistant turn is empty"):
+        load_chat_dataset(path, normalize=normalize)
+    data = load_chat_dataset(path, normalize=normalize, skip_bad_rows=True)
+    assert data.report.skip_reasons == Counter({"empty_assistant": 1, "empty_field": 1})
+    assert [m["content"] for m in data.train[1]["messages"]] == ["Dịch sang tiếng Anh", "Peace."]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_invisible_only_mcq_cells_are_empty(tmp_path: Path, normalize: bool) -> None:
+    (tmp_path / "mcq.csv").write_text(
+        "context,question,answer_a,answer_b,answer_c,answer_d,correct_answer\n"
+        f"{INVISIBLE},Thủ đô?,Hà Nội,Huế,Đà Nẵng,Vinh,A\n"
+        f"Sông Hồng chảy qua Hà Nội.,Sông nào?,Sông Hồng,{INVISIBLE},Sông Đà,Sông Mã,A\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2, field 'context': 'context' is empty"):
+        load_chat_dataset(str(tmp_path / "mcq.csv"), normalize=normalize)
+    with pytest.raises(DataError, match="no usable rows"):
+        load_chat_dataset(str(tmp_path / "mcq.csv"), normalize=normalize, skip_bad_rows=True)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_invisible_only_documents_are_dropped_and_counted(tmp_path: Path, normalize: bool) -> None:
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": "Hà Nội mùa thu."}, {"text": INVISIBLE},
+                                                  {"text": unicodedata.normalize("NFD", "Thuỷ triều \u200b")}])
+    documents, report = load_text_corpus(path, normalize=normalize)
+    assert len(documents) == 2 and report.skip_reasons == Counter({"empty_document": 1})
+    txt = tmp_path / "docs.txt"
+    txt.write_text(f"Hà Nội mùa thu.\n\n{INVISIBLE}\n\nHuế mộng mơ.\n", encoding="utf-8")
+    assert load_text_corpus(str(txt), normalize=normalize)[1].skip_reasons == Counter({"empty_document": 1})
+
+
+def test_windows_line_endings_in_csv_cells_become_lf_and_are_counted(tmp_path: Path) -> None:
+    """Excel saves a cell with Alt+Enter line breaks as CRLF inside quotes, and ends rows with CRLF too."""
+    rows = ["instruction,output", '"Liệt kê hai thành phố:\r\nmiền Bắc","Hà Nội\r\nHải Phòng"',
+            '"Một câu hỏi","Một dòng"']
+    (tmp_path / "excel.csv").write_bytes(("\ufeff" + "\r\n".join(rows) + "\r\n").encode("utf-8"))
+    data = load_chat_dataset(str(tmp_path / "excel.csv"))
+    assert contents(data) == [["Liệt kê hai thành phố:\nmiền Bắc", "Hà Nội\nHải Phòng"], ["Một câu hỏi", "Một dòng"]]
+    assert data.report.text.line_endings == 2
+    assert data.report.to_dict()["text_normalization"]["line_endings"] == 2
+    assert "line_endings 2" in data.report.summary()
+    raw = load_chat_dataset(str(tmp_path / "excel.csv"), normalize=False)
+    assert contents(raw)[0][1] == "Hà Nội\r\nHải Phòng"  # normalize_text: false keeps the text as it is

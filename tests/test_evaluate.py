@@ -90,6 +90,37 @@ def test_contexts_file_missing_the_column_or_with_empty_contexts(tmp_path: Path)
     assert len(items) == 1 and items.report.skip_reasons["empty_context"] == 1
 
 
+INVISIBLE = "\u200b\u200c\ufeff\u00ad"  # nothing a reader sees
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_a_context_of_only_invisible_characters_is_empty(tmp_path: Path, normalize: bool):
+    """Before, such a row was scored as an empty passage in strict mode."""
+    (tmp_path / "contexts.jsonl").write_text(json.dumps({"context": PASSAGE}, ensure_ascii=False) + "\n"
+                                             + json.dumps({"context": INVISIBLE}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2, field 'context': empty context .*invisible"):
+        items_of(tmp_path, tmp_path / "contexts.jsonl", normalize_text=normalize, run_name="strict")
+    items, _ = items_of(tmp_path, tmp_path / "contexts.jsonl", normalize_text=normalize, skip_bad_rows=True,
+                        run_name="lenient")
+    assert len(items) == 1 and items.report.skip_reasons["empty_context"] == 1
+
+
+def test_a_vmlu_question_or_choice_of_only_invisible_characters_is_refused(tmp_path: Path):
+    from vinakit.evaluate import load_vmlu
+
+    rows = [{"question": INVISIBLE, "choices": ["Huế", "Hà Nội"], "answer": "B"},
+            {"question": "Thủ đô của Việt Nam là gì?", "choices": ["A. Huế", f"B. {INVISIBLE}"], "answer": "B"},
+            {"question": "Sông nào chảy qua Hà Nội?", "choices": ["Sông Hồng", "Sông Hương"], "answer": "A"}]
+    (tmp_path / "vmlu.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                         encoding="utf-8")
+    strict = make_params(tmp_path, vmlu_dataset=str(tmp_path / "vmlu.jsonl"), run_name="strict")
+    with pytest.raises(DataError, match=r"line 1, field 'question': no question \(empty, or only invisible"):
+        load_vmlu(strict, start_run(strict))
+    lenient = make_params(tmp_path, vmlu_dataset=str(tmp_path / "vmlu.jsonl"), skip_bad_rows=True, run_name="ok")
+    vmlu = load_vmlu(lenient, start_run(lenient))
+    assert vmlu.table["question"].tolist() == ["Sông nào chảy qua Hà Nội?"]
+
+
 def test_long_context_is_cut_in_the_middle_never_crashes(tiny_tokenizer, tmp_path: Path):
     from vinakit.evaluate import TRUNCATION_MARK, generation_prompts
 
@@ -114,6 +145,29 @@ def test_adapter_folder_errors(tmp_path: Path):
     (tmp_path / "empty-run").mkdir()
     with pytest.raises(VinakitError, match="holds no adapter"):
         find_trained_model(make_params(tmp_path, adapter=str(tmp_path / "empty-run")))
+
+
+def fake_cpt_run(root: Path) -> Path:
+    """The shape of a CPT run folder (LoRA CPT saves adapter/ and the merged model/), without training."""
+    run = root / "cpt-thử"
+    for folder, name in (("adapter", "adapter_config.json"), ("model", "config.json")):
+        (run / folder).mkdir(parents=True)
+        (run / folder / name).write_text(json.dumps({"base_model_name_or_path": "tiny-vi"}), encoding="utf-8")
+    (run / "params.yaml").write_text("model_name: tiny-vi\ndataset: vinakit:corpus\nstages: [full]\n", encoding="utf-8")
+    (run / "manifest.json").write_text(json.dumps({"notebook": "cpt"}), encoding="utf-8")
+    return run
+
+
+def test_a_cpt_run_as_adapter_is_refused_before_loading_with_the_model_name_hint(tmp_path: Path):
+    from vinakit.evaluate import find_trained_model
+
+    run = fake_cpt_run(tmp_path)
+    for spec in (run, run / "adapter", run / "model"):
+        with pytest.raises(VinakitError) as caught:
+            find_trained_model(make_params(tmp_path, adapter=str(spec)))
+        message = str(caught.value)
+        assert message.startswith(f"adapter: {spec} is a continued-pretraining (CPT) run")
+        assert f"-p model_name {run.resolve() / 'model'}" in message and "leave adapter empty" in message
 
 
 def test_adapter_of_another_base_model_is_a_clear_error(tmp_path: Path):

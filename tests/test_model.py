@@ -152,6 +152,98 @@ def test_corpus_survives_missing_and_broken_files(tmp_path: Path) -> None:
     assert "Bộ nhớ RAM mất dữ liệu khi tắt máy." in texts and "context" not in texts
 
 
+
+def _damaged_copy(root: Path, damage: str) -> tuple[Path, Path]:
+    """(the module's good build, a copy of it under ``root`` with ``damage`` done to it)."""
+    import shutil
+
+    from vinakit.model import tiny_model_dir
+
+    good = tiny_model_dir()
+    copy = root / good.name
+    shutil.copytree(good, copy)
+    if damage == "truncate":
+        weights = copy / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut off midway
+    elif damage == "no_tokenizer":
+        (copy / "tokenizer.json").unlink()
+    elif damage == "no_stamp":
+        (copy / "vinakit_build.json").unlink()
+    return good, copy
+
+
+def _copying_build(good: Path, calls: list[Path]):
+    """A stand-in for build_tiny_model that copies the good build (a real build takes seconds)."""
+    import shutil
+
+    def build(folder: Path, texts: list[str]) -> None:
+        calls.append(folder)
+        for path in good.iterdir():
+            if path.name != "vinakit_build.json":
+                shutil.copy2(path, folder / path.name)
+
+    return build
+
+
+def test_truncated_cached_weights_are_rebuilt_once_with_a_line(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from vinakit.tiny import load_tiny
+
+    good, copy = _damaged_copy(tmp_path, "truncate")
+    model, tokenizer = load_tiny(tmp_path)  # a real rebuild: before, this raised SafetensorError with no path
+    assert model.config.vocab_size == len(tokenizer)
+    err = capfd.readouterr().err
+    assert f"the cached tiny-vi model in {copy} is damaged" in err and "model.safetensors" in err
+    assert "rebuilding it" in err
+    assert (copy / "model.safetensors").read_bytes() == (good / "model.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [copy.name]  # the damaged folder is gone
+    load_tiny(tmp_path)
+    assert "damaged" not in capfd.readouterr().err  # rebuilt once, then used as it is
+
+
+def test_missing_tokenizer_file_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capfd: pytest.CaptureFixture) -> None:
+    from vinakit import tiny
+
+    good, copy = _damaged_copy(tmp_path, "no_tokenizer")
+    calls: list[Path] = []
+    monkeypatch.setattr(tiny, "build_tiny_model", _copying_build(good, calls))
+    assert tiny.tiny_model_dir(tmp_path) == copy and len(calls) == 1
+    assert "tokenizer.json is missing" in capfd.readouterr().err
+    assert (copy / "tokenizer.json").read_bytes() == (good / "tokenizer.json").read_bytes()
+    assert tiny.tiny_model_dir(tmp_path) == copy and len(calls) == 1
+
+
+def test_a_rebuild_that_fails_names_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vinakit import tiny
+
+    _, copy = _damaged_copy(tmp_path, "truncate")
+
+    def full_disk(folder: Path, texts: list[str]) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tiny, "build_tiny_model", full_disk)
+    with pytest.raises(VinakitError) as caught:
+        tiny.tiny_model_dir(tmp_path)
+    message = str(caught.value)
+    assert f"The cached tiny-vi model in {copy} was damaged" in message and "rebuilding it failed" in message
+    assert "No space left on device" in message and "VINAKIT_CACHE" in message
+
+
+def test_a_build_without_a_stamp_is_checked_by_its_contents(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches built before stamps existed are adopted when intact (no needless rebuild) and rebuilt when cut."""
+    from vinakit import tiny
+
+    good, copy = _damaged_copy(tmp_path / "intact", "no_stamp")
+    calls: list[Path] = []
+    monkeypatch.setattr(tiny, "build_tiny_model", _copying_build(good, calls))
+    assert tiny.tiny_model_dir(tmp_path / "intact") == copy and calls == []
+    assert (copy / "vinakit_build.json").is_file()  # stamped now: later calls check sizes only
+
+    _, cut = _damaged_copy(tmp_path / "cut", "truncate")
+    (cut / "vinakit_build.json").unlink()
+    assert tiny.tiny_model_dir(tmp_path / "cut") == cut and len(calls) == 1
+    assert (cut / "model.safetensors").stat().st_size == (good / "model.safetensors").stat().st_size
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading on both backends
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,6 +444,21 @@ def test_dtype_and_device_summary_on_this_machine() -> None:
         assert summary["native_bf16"] is False and summary["device_count"] == 0
     else:
         assert summary["device_type"] == "cuda" and summary["capability"]
+
+
+def test_a_cpt_run_folder_as_model_name_stands_for_its_model(tmp_path: Path) -> None:
+    from vinakit.model import resolve_model_name
+
+    run = tmp_path / "outputs" / "cpt-hòa-bình"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}", encoding="utf-8")
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert resolve_model_name(str(run)) == str(run / "model")
+    assert resolve_model_name(str(run / "model")) == str(run / "model")
+    assert resolve_model_name(str(run / "adapter")) == str(run / "adapter")  # an adapter folder stays itself
+    (tmp_path / "plain").mkdir()
+    assert resolve_model_name(str(tmp_path / "plain")) == str(tmp_path / "plain")  # the loader says what is missing
 
 
 def test_importing_the_module_stays_cheap() -> None:

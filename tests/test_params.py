@@ -139,3 +139,73 @@ def test_papermill_parses_every_parameter(path: Path):
 
     found = papermill.inspect_notebook(str(path))
     assert set(found) == set(params_class(path.stem).field_types())
+
+
+# --- floats written the YAML 1.2 way, repo ids by the Hub's rules ------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [("1e-3", 1e-3), ("5E-5", 5e-5), ("+2e+4", 2e4),
+                                           (" 3e-4 ", 3e-4), ("0.5", 0.5), (".5", 0.5), ("2", 2.0)])
+def test_float_fields_accept_the_yaml_1_2_forms_pyyaml_leaves_as_strings(text: str, expected: float):
+    assert SFTParams.validate({"learning_rate": text}).learning_rate == expected
+
+
+def test_a_yaml_preset_with_1e_3_is_accepted(tmp_path: Path):
+    preset = tmp_path / "lr.yaml"
+    preset.write_text("# tốc độ học: 1e-3\nlearning_rate: 1e-3\ncpt:\n  embedding_learning_rate: 1E-4\n",
+                      encoding="utf-8")
+    assert read_yaml(preset)["learning_rate"] == "1e-3"  # what PyYAML (YAML 1.1) gives
+    assert SFTParams.from_sources([preset]).learning_rate == 1e-3
+    cpt = params_class("cpt").from_sources([preset])
+    assert (cpt.learning_rate, cpt.embedding_learning_rate) == (1e-3, 1e-4)
+
+
+@pytest.mark.parametrize("text", ["1e", "e-3", "1e-3x", "1,5", "1_000", "0x10", "mười", ""])
+def test_strings_that_are_not_floats_are_still_refused(text: str):
+    with pytest.raises(ParamsError, match=r"'learning_rate'.*must be a number, got str"):
+        SFTParams.validate({"learning_rate": text})
+
+
+BAD_REPO_IDS = [
+    ("user/..", "'--' or '..'"), ("../x", "'--' or '..'"), ("user/-bad-", "starts or ends with"),
+    ("user/a--b", "'--' or '..'"), ("user/" + "a" * 97, "97 characters"), ("user/mô-hình", "'ô'"),
+    ("user/.an", "starts or ends with"), ("a/b/c", "exactly one '/'"), ("chỉ-một-tên", "exactly one '/'"),
+    ("/x", "owner is empty"), ("user/x.git", "'.git'"), ("user/tên mô hình", "' '"),
+]
+
+
+@pytest.mark.parametrize("repo_id,words", BAD_REPO_IDS, ids=[r[:20] for r, _ in BAD_REPO_IDS])
+def test_repo_id_follows_the_hub_naming_rules(repo_id: str, words: str):
+    from vinakit.params import ExportParams
+
+    with pytest.raises(ParamsError, match=r"repo_id .* breaks the Hugging Face Hub's naming rules") as caught:
+        ExportParams.validate({"repo_id": repo_id})
+    assert words in str(caught.value) and "your-user/" in str(caught.value)
+
+
+def test_repo_ids_accepted_here_are_accepted_by_huggingface_hub():
+    from huggingface_hub.utils import validate_repo_id
+
+    from vinakit.params import ExportParams, _repo_id_problem
+
+    good = ["vina-user/tiny-vi-chat", "u/a.b_c-d", "_org/x_", "user/" + "a" * 96, "Qwen/Qwen2.5-1.5B-Instruct"]
+    for repo_id in good:
+        assert ExportParams.validate({"repo_id": repo_id}).repo_id == repo_id
+        validate_repo_id(repo_id)
+    for repo_id, _ in BAD_REPO_IDS:
+        assert _repo_id_problem(repo_id)
+        with pytest.raises(ValueError):  # HFValidationError; the Hub itself refuses non-ASCII names too
+            validate_repo_id(repo_id)
+
+
+def test_the_second_repo_of_an_export_must_fit_the_name_limit_too():
+    from vinakit.params import ExportParams
+    from vinakit.publish import repo_names
+
+    repo_id = "user/" + "a" * 92
+    assert ExportParams.validate({"repo_id": repo_id, "push_to_hub": True, "save_methods": ["merged_16bit"]})
+    with pytest.raises(ParamsError, match="98 characters once '-GGUF'"):
+        ExportParams.validate({"repo_id": repo_id + "a", "push_to_hub": True, "save_methods": ["merged_16bit", "lora"]})
+    longest = max(repo_names(repo_id[:-1], ["merged_16bit", "lora", "gguf"]).values(), key=len)
+    assert len(longest) == len(repo_id[:-1]) + len("-GGUF")  # params checks the suffix publish really adds
+

@@ -1,4 +1,4 @@
-"""Tests of vinakit.text: Vietnamese normalisation (NFC, invisible characters, mojibake, tone marks)."""
+"""Tests of vinakit.text: Vietnamese normalisation (NFC, line endings, invisible characters, mojibake, tone marks)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 
 from vinakit.errors import ParamsError
-from vinakit.text import TextStats, normalize_vietnamese, normalize_with_counts
+from vinakit.text import TextStats, is_blank, normalize_vietnamese, normalize_with_counts
 
 # (old style, new style): the mark on the first vowel of a final oa/oe/uy, or on the second
 TONE_PAIRS = [
@@ -264,4 +264,34 @@ def test_text_stats_add_and_to_dict() -> None:
     total = TextStats(strings=2, changed=1, nfc=1)
     total.add(TextStats(strings=3, changed=2, mojibake=1, tone_marks=2))
     assert total.to_dict() == {"strings": 5, "changed": 3, "nfc": 1, "zero_width": 0, "mojibake": 1,
-                               "tone_marks": 2}
+                               "tone_marks": 2, "line_endings": 0}
+
+
+# --- line endings and blank text ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tone_style", ["old", "new", "off"])
+def test_windows_and_old_mac_line_endings_become_lf(tone_style: str) -> None:
+    """Excel writes CRLF inside a CSV cell; ASCII text takes the same path as Vietnamese text."""
+    cell = "Câu 1: Hà Nội\r\nCâu 2: Huế\rCâu 3"
+    assert normalize_vietnamese(cell, tone_style) == "Câu 1: Hà Nội\nCâu 2: Huế\nCâu 3"
+    assert normalize_vietnamese("line one\r\nline two\r\n", tone_style) == "line one\nline two\n"
+    assert normalize_vietnamese(_nfd("Hòa bình\r\n\r\nThủy lợi"), tone_style).count("\n") == 2
+
+
+def test_line_endings_are_counted_with_the_other_steps() -> None:
+    texts = ["Hà Nội\r\nHuế", "A\r\nB", _nfd("Hoà\r\nbình"), "Hà Nội\nHuế"]
+    results, stats = normalize_with_counts(texts, "old")
+    assert results == ["Hà Nội\nHuế", "A\nB", "Hòa\nbình", "Hà Nội\nHuế"]
+    assert (stats.line_endings, stats.nfc, stats.tone_marks, stats.changed) == (3, 1, 1, 3)
+    assert "\r" not in "".join(results)
+
+
+@pytest.mark.parametrize("text", ["", "  \n\t", "\u200b", "\u200b\u200c\u2060\ufeff", "\u00ad \u200d", "\r\n\u200b"])
+def test_invisible_only_text_is_blank(text: str) -> None:
+    assert is_blank(text)
+
+
+@pytest.mark.parametrize("text", ["Hà Nội", _nfd("ồ"), "\u200bA", "👍", "0"])
+def test_visible_text_is_not_blank(text: str) -> None:
+    assert not is_blank(text)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from vinakit.errors import DataError, ParamsError
 from vinakit.sources import (CHAT_SUFFIXES, CORPUS_SUFFIXES, BadRow, DataReport, RowOptions, check_tone_style,
                              collect_rows, open_source, skip_summary)
-from vinakit.text import TextStats, normalize_with_counts
+from vinakit.text import TextStats, is_blank, normalize_with_counts
 
 MCQ_LETTERS = ("A", "B", "C", "D")
 
@@ -238,7 +238,6 @@ def _load_chat_rows(source: str | Path, text_field: str | None,
     def to_chat(row: Any) -> tuple[dict[str, Any], str]:
         messages, kind = _chat_messages(row, text_field, table.cells_are_text)
         stats = _normalize_messages(messages, options)
-        # after normalising: an answer of only zero-width characters is empty
         _check_assistant_turns(messages)
         report.text.add(stats)  # only rows that are kept count
         return {"messages": [_without_field_path(m) for m in messages]}, kind
@@ -323,8 +322,8 @@ def _alpaca_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
     output = _text_or_empty(row, "output", required=True)
     extra_input = _text_or_empty(row, "input")
     system = _text_or_empty(row, "system")
-    user = f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
-    messages = [{"role": "system", "content": system, "_field": "system"}] if system.strip() else []
+    user = f"{instruction}\n\n{extra_input}" if not is_blank(extra_input) else instruction
+    messages = [{"role": "system", "content": system, "_field": "system"}] if not is_blank(system) else []
     messages.append({"role": "user", "content": user, "_field": "instruction"})
     messages.append({"role": "assistant", "content": output, "_field": "output"})
     return messages
@@ -386,8 +385,8 @@ def _mcq_messages(mcq: McqRow) -> list[dict[str, Any]]:
 
 def _required_text(row: dict[str, Any], name: str, numbers_ok: bool = False) -> str:
     text = _text_or_empty(row, name, required=True, numbers_ok=numbers_ok)
-    if not text.strip():
-        raise BadRow("empty_field", f"{name!r} is empty", name)
+    if is_blank(text):  # zero-width characters alone are empty too, normalised or not
+        raise BadRow("empty_field", f"{name!r} is empty (or holds only invisible characters)", name)
     return text
 
 
@@ -419,8 +418,9 @@ def _check_assistant_turns(messages: list[dict[str, Any]]) -> None:
     if not assistant:
         raise BadRow("no_assistant_turn", "the conversation has no assistant turn to learn from")
     for message in assistant:
-        if not message["content"].strip():
-            raise BadRow("empty_assistant", "the assistant turn is empty", message["_field"])
+        if is_blank(message["content"]):  # an answer of only zero-width characters is empty, normalised or not
+            raise BadRow("empty_assistant", "the assistant turn is empty (or holds only invisible characters)",
+                         message["_field"])
 
 
 def _without_field_path(message: dict[str, Any]) -> dict[str, Any]:
@@ -452,12 +452,12 @@ def _corpus_document(row: Any, text_field: str, options: RowOptions,
                           text_field)
     else:
         raise BadRow("wrong_type", f"expected an object with {text_field!r}, got {_type_name(row)}")
+    if is_blank(text):  # invisible characters alone make an empty document, normalised or not
+        return None
     if options.normalize:
-        (normalized,), stats = normalize_with_counts([text], options.tone_style)
-        if normalized.strip():
-            report.text.add(stats)  # only documents that are kept count
-        text = normalized
-    return text if text.strip() else None
+        (text,), stats = normalize_with_counts([text], options.tone_style)
+        report.text.add(stats)  # only documents that are kept count
+    return text
 
 
 # --- validation split -----------------------------------------------------------------------------

@@ -37,3 +37,16 @@ class DataError(VinakitError, ValueError):
 
 class RunFolderExistsError(VinakitError, FileExistsError):
     """A run folder already exists; runs are never overwritten."""
+
+
+class TrainingDivergedError(VinakitError):
+    """Training stopped at a NaN/inf loss or gradient norm; nothing was saved as the run's result.
+
+    Args:
+        message: what happened, the last good checkpoint and what to do.
+        step: the optimizer step (1-based) whose loss or gradients were not finite.
+    """
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

@@ -31,6 +31,7 @@ from vinakit.data import MCQ_LETTERS as LETTERS
 from vinakit.params import EvalMCQParams, SFTParams
 from vinakit.record import Metrics, Run
 from vinakit.sources import CHAT_SUFFIXES, BadRow, read_rows
+from vinakit.text import is_blank
 from vinakit.vmlu import VmluItems, answer_vmlu, mcq_block, pick_letters, read_vmlu
 
 TRUNCATION_MARK = " […] "
@@ -95,13 +96,15 @@ def find_trained_model(params: EvalMCQParams) -> TrainedModel:
         The fine-tuned model, or ``TrainedModel()`` (nothing to compare) when ``adapter`` is empty.
 
     Raises:
-        VinakitError: the folder holds no adapter, or the adapter was trained on another base model.
+        VinakitError: the folder holds no adapter, the adapter was trained on another base model, or it is a CPT
+            run (whose model is passed as ``model_name``).
     """
     if not params.adapter:
         return TrainedModel()
-    from vinakit.runs import find_run
+    from vinakit.runs import find_run, refuse_cpt_run
 
     trained = find_run(params.adapter, params.output_dir)
+    refuse_cpt_run(trained, params.adapter)  # before any model loads: a CPT model is evaluated as model_name
     _check_same_base(params.model_name, trained.model_name, trained.weights_dir)
     return TrainedModel(weights_dir=trained.weights_dir, run_dir=trained.run_dir, base_model=trained.model_name,
                         chat_template=trained.chat_template, sft_params=dict(trained.params))
@@ -195,9 +198,9 @@ def _context_item(row: Any, params: EvalMCQParams, data: Any) -> dict[str, Any]:
     line = row.pop(_LINE, None)
     field_name = _context_field(row, params.context_field, data)
     context = row.get(field_name)
-    if not isinstance(context, str) or not context.strip():
-        raise BadRow("empty_context", f"empty context in column {field_name!r}; give a passage or remove "
-                                            f"the row", field_name)
+    if not isinstance(context, str) or is_blank(context):  # invisible characters alone are no passage either
+        raise BadRow("empty_context", f"empty context in column {field_name!r} (or only invisible characters); "
+                                      f"give a passage or remove the row", field_name)
     gold = _gold_mcq(row, field_name, data)
     clean = _normalizer(params)
     item = {

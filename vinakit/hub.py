@@ -9,8 +9,8 @@ Two implementations of :class:`Hub`:
 * :class:`HuggingFaceHub`: the real Hub, over ``huggingface_hub.HfApi`` (create a repo, upload a folder).
 * :class:`LocalHub`: an offline stand-in that copies "uploads" into a local folder and records every call
   (without the token). Tests and dry runs select it with ``VINAKIT_HUB=local:<folder>``; it can be told to fail
-  like the real Hub does (``VINAKIT_HUB_FAIL=network``, ``rejected`` or ``auth``), so failure handling is tested
-  offline.
+  like the real Hub does (``VINAKIT_HUB_FAIL=network``, ``rejected`` or ``auth``), or drop the connection after
+  half of a folder's files (``halfway``), so failure handling is tested offline.
 
 Importing this module is cheap: ``huggingface_hub`` is imported only when the real Hub is used.
 """
@@ -33,7 +33,7 @@ HUB_ENV_VAR = "VINAKIT_HUB"
 HUB_FAIL_ENV_VAR = "VINAKIT_HUB_FAIL"
 LOCAL_PREFIX = "local:"
 CALLS_FILE = "calls.jsonl"
-FAILURE_MODES = ("network", "rejected", "auth")
+FAILURE_MODES = ("network", "rejected", "auth", "halfway")
 
 _MIN_SECRET_LENGTH = 8  # shorter values are too likely to occur in text by chance to scrub safely
 
@@ -221,7 +221,8 @@ class LocalHub:
     Args:
         root: the folder that plays the Hub.
         fail: None, or make every call fail like the real Hub: "network" (unreachable), "rejected" (refused
-            request) or "auth" (refused token).
+            request) or "auth" (refused token); or "halfway": every upload stops with a network error after
+            half of its files.
     """
 
     name = "local stand-in"
@@ -257,6 +258,13 @@ class LocalHub:
         self._record("upload_folder", repo_id=repo_id, folder=str(folder), files=files,
                      commit_message=commit_message, token_given=bool(token.reveal()))
         self._maybe_fail()
+        if self.fail == "halfway":
+            for name in files[:len(files) // 2]:
+                target = self.repo_path(repo_id) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(folder) / name, target)
+            raise HubNetworkError(f"the connection dropped after {len(files) // 2} of {len(files)} files "
+                                  f"(simulated)")
         shutil.copytree(folder, self.repo_path(repo_id), dirs_exist_ok=True)
         return self.repo_path(repo_id).resolve().as_uri()
 

@@ -45,7 +45,8 @@ def resolve_model_name(model_name: str) -> str:
     """Turn ``model_name`` into what a loader takes: a local folder or a Hugging Face Hub id.
 
     Args:
-        model_name: ``"tiny-vi"``, a local model folder, or a hub id such as ``"unsloth/Qwen2.5-0.5B"``.
+        model_name: ``"tiny-vi"``, a local model folder, a training run folder that hands over a model (a CPT
+            run: its ``model/``), or a hub id such as ``"unsloth/Qwen2.5-0.5B"``.
 
     Returns:
         The folder path (as a string) or the hub id unchanged.
@@ -57,7 +58,9 @@ def resolve_model_name(model_name: str) -> str:
         return str(tiny_model_dir())
     path = Path(model_name).expanduser()
     if path.is_dir():
-        return str(path)
+        from vinakit.runs import model_folder  # the one rule for what a run folder stands for
+
+        return str(model_folder(path))
     if _looks_like_path(model_name):
         raise VinakitError(f"Model folder {model_name!r} does not exist. Give an existing folder, "
                            f"'{TINY_MODEL_NAME}', or a Hugging Face Hub id like 'unsloth/Qwen2.5-0.5B-Instruct'.")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,9 +62,10 @@ def _check_value(name: str, value: Any, tp: Any, source: str) -> Any:
             raise ParamsError(f"Parameter '{name}'{where} must be a mapping, got {type(value).__name__}.")
         return dict(value)
     if tp is float:
+        value = _float_from_text(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"Parameter '{name}'{where} must be a number, got {type(value).__name__} {value!r}.")
-        return float(value)
+        return _finite(name, value, where)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(f"Parameter '{name}'{where} must be an integer, got {type(value).__name__} {value!r}.")
@@ -77,6 +80,31 @@ def _check_value(name: str, value: Any, tp: Any, source: str) -> Any:
             raise ParamsError(f"Parameter '{name}'{where} must be a string, got {type(value).__name__} {value!r}.")
         return value
     return value
+
+
+# A float as YAML 1.2 writes it. PyYAML reads YAML 1.1, where a float needs a dot: `1e-3` arrives as a string.
+_FLOAT_TEXT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _float_from_text(value: Any) -> Any:
+    """``value`` as a float when it is a string that YAML 1.2 reads as one (``"1e-3"``), else unchanged."""
+    if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _finite(name: str, value: Any, where: str) -> Any:
+    """``value`` as a float; inf and nan are refused (``-p learning_rate inf`` trained NaN weights to the end)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return value  # the type check reports it
+    try:
+        number = float(value)
+    except OverflowError:  # an integer too large for a float
+        number = math.inf
+    if not math.isfinite(number):
+        raise ParamsError(f"Parameter '{name}'{where} must be a finite number, got {value!r}: inf and nan are not "
+                          f"allowed; give a plain number such as 2e-4.")
+    return number
 
 
 def _parse_cli_value(text: str, tp: Any) -> Any:
@@ -118,6 +146,11 @@ class NotebookParams:
         return cls(**checked)
 
     def __post_init__(self) -> None:
+        for name, tp in self.field_types().items():  # also when built directly, without validate()
+            if tp is float or typing.get_args(tp) == (float,):
+                value = getattr(self, name)
+                for item in value if isinstance(value, (list, tuple)) else [value]:
+                    _finite(name, item, "")
         self.check()
 
     def check(self) -> None:
@@ -388,9 +421,22 @@ class ExportParams(RunParams):
             raise ParamsError("save_methods has gguf but gguf_quantizations is empty: list e.g. [q4_k_m, q8_0].")
         if self.push_to_hub and not self.repo_id:
             raise ParamsError("push_to_hub is true but repo_id is empty: set repo_id to 'your-user/model-name'.")
-        if self.repo_id and not _is_repo_id(self.repo_id):
-            raise ParamsError(f"repo_id must look like 'owner/name' (letters, digits, '-', '_', '.'), "
-                              f"got {self.repo_id!r}.")
+        self._check_repo_id()
+
+    def _check_repo_id(self) -> None:
+        """The Hub's naming rules, here rather than after the merge and the fidelity check have spent minutes."""
+        if not self.repo_id:
+            return
+        problem = _repo_id_problem(self.repo_id)
+        if not problem and self.push_to_hub and len(self.save_methods) > 1:
+            # publish.repo_names puts the other forms in "<repo_id>-lora" / "<repo_id>-GGUF": they must fit too
+            sibling = _repo_id_problem(f"{self.repo_id}-GGUF")
+            problem = f"{sibling} once '-GGUF' (or '-lora') is added for the second repo" if sibling else ""
+        if problem:
+            raise ParamsError(f"repo_id {self.repo_id!r} breaks the Hugging Face Hub's naming rules: {problem}. "
+                              f"Use 'owner/name' with letters, digits, '-', '_' and '.', no '--' or '..', not "
+                              f"starting or ending with '-' or '.', at most {_REPO_PART_MAX} characters each, "
+                              f"e.g. 'your-user/qwen2.5-vi-sft'.")
 
     def _check_merge(self) -> None:
         if self.merge_weights and not self.merge_with:
@@ -412,10 +458,31 @@ class ExportParams(RunParams):
                               "check, which always runs).")
 
 
-def _is_repo_id(name: str) -> bool:
-    owner, _, repo = name.partition("/")
-    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-    return bool(owner and repo) and "/" not in repo and set(owner + repo) <= allowed
+# The Hub's rules for an owner or a repo name (huggingface_hub.utils.validate_repo_id, stricter where the Hub
+# is: ASCII only). Written out here because params imports nothing heavy.
+_REPO_PART_MAX = 96
+_REPO_PART = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _repo_id_problem(repo_id: str) -> str:
+    """The first Hub naming rule ``repo_id`` breaks ("" when it is a valid 'owner/name')."""
+    if repo_id.count("/") != 1:
+        return "it needs exactly one '/' between owner and name"
+    for label, part in zip(("owner", "name"), repo_id.split("/")):
+        if not part:
+            return f"the {label} is empty"
+        if not _REPO_PART.fullmatch(part):
+            bad = sorted({char for char in part if not _REPO_PART.fullmatch(char)})
+            return f"the {label} {part!r} holds {', '.join(map(repr, bad))}"
+        if "--" in part or ".." in part:
+            return f"the {label} {part!r} holds '--' or '..'"
+        if part[0] in "-." or part[-1] in "-.":
+            return f"the {label} {part!r} starts or ends with '-' or '.'"
+        if len(part) > _REPO_PART_MAX:
+            return f"the {label} has {len(part)} characters"
+    if repo_id.endswith(".git"):
+        return "it ends with '.git'"
+    return ""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from vinakit.errors import VinakitError
 from vinakit.fidelity import FIDELITY_FILE
 from vinakit.hub import Hub, HubAuthError, HubError, PushedRepo, default_hub, find_token, push_folder, what_to_do
 from vinakit.merge import MERGED_DIR
-from vinakit.record import read_json
+from vinakit.record import mark_run, read_json
 from vinakit.runs import ADAPTER_DIR, folder_fingerprint
 
 GGUF_DIR = "gguf"
@@ -199,7 +199,7 @@ class PublishReport:
 
 def publish_run(run_dir: str | os.PathLike[str], repo_id: str, *, methods: Sequence[str] = ("merged_16bit",),
                 private: bool = True, hub: Hub | None = None) -> PublishReport:
-    """Upload an export run folder; usable on its own to retry a failed upload.
+    """Upload an export run folder; usable on its own to retry a failed upload (the run is then marked completed).
 
     Args:
         run_dir: an export run folder (``outputs/export-...``).
@@ -234,7 +234,10 @@ def publish_run(run_dir: str | os.PathLike[str], repo_id: str, *, methods: Seque
                               f"{what_to_do(error)} Uploaded before the failure: {done}. No local file was "
                               f"changed; the export is in {run_dir}. {retry}") from None
     listing = ", ".join(f"{p.repo_id} ({'private' if p.private else 'public'})" for p in pushed)
-    return PublishReport("uploaded", f"Uploaded to the {hub.name}: {listing}.", pushed)
+    report = PublishReport("uploaded", f"Uploaded to the {hub.name}: {listing}.", pushed)
+    if read_json(run_dir / "manifest.json").get("status") == "upload_failed":  # a retry that worked
+        mark_run(run_dir, "completed", hub=report.to_dict())
+    return report
 
 
 def _publishable_folders(run_dir: Path, methods: Sequence[str]) -> dict[str, Path]:

@@ -7,11 +7,13 @@ with reasons), ``metrics.json``, plots (PNG) and the artefacts (adapter, predict
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,40 +30,76 @@ RESERVED_MARKER = ".reserved-by-vinakit-run"
 TRACKED_PACKAGES = ("vinakit", "torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "bitsandbytes",
                     "accelerate", "datasets", "tokenizers", "huggingface_hub", "papermill", "pandas")
 
+# How a run ended (manifest.json "status"); "running" until then.
+ENDED = ("completed", "failed", "interrupted", "upload_failed")
+_NAME_TRIES = 1000  # default names tried, one millisecond apart, before giving up
 
 
 def default_run_name(notebook: str, now: _dt.datetime | None = None) -> str:
-    """``<notebook>-YYYYmmdd-HHMMSS``: sortable, unique enough for one user."""
+    """``<notebook>-YYYYmmdd-HHMMSS-mmm``: sortable, to the millisecond (see :func:`reserve_run_dir`)."""
     now = now or _dt.datetime.now()
-    return f"{notebook}-{now:%Y%m%d-%H%M%S}"
+    return f"{notebook}-{now:%Y%m%d-%H%M%S}-{now.microsecond // 1000:03d}"
 
 
-def reserve_run_dir(output_dir: str | Path, run_name: str) -> Path:
-    """Create an empty run folder and mark it as reserved for a runner; fail if it exists."""
-    path = Path(output_dir) / run_name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir()
-    except FileExistsError:
-        raise RunFolderExistsError(
-            f"Run folder {path} already exists and runs are never overwritten: choose another run_name "
-            f"(or leave run_name empty for a timestamped one).") from None
-    (path / RESERVED_MARKER).write_text("reserved\n", encoding="utf-8")
+def reserve_run_dir(output_dir: str | Path, run_name: str = "", *, notebook: str = "") -> Path:
+    """Create an empty run folder and mark it as reserved for the runner (its pid and host in the marker).
+
+    Args:
+        output_dir: where run folders go (created when missing).
+        run_name: the folder's name; empty: the first free default name of ``notebook``.
+        notebook: the notebook's name, for a default name.
+
+    Raises:
+        RunFolderExistsError: ``run_name`` exists (runs are never overwritten).
+        VinakitError: the folder cannot be created (a path under a file, no permission, a full disk).
+    """
+    path = _new_run_dir(Path(output_dir), run_name, notebook)
+    write_json(path / RESERVED_MARKER, _process())
     return path
 
 
+def _new_run_dir(output_dir: Path, run_name: str, notebook: str) -> Path:
+    """Create the folder atomically (mkdir without exist_ok); a taken default name moves on by a millisecond."""
+    now = _dt.datetime.now()
+    tries = 1 if run_name else _NAME_TRIES
+    for attempt in range(tries):
+        path = output_dir / (run_name or default_run_name(notebook, now + _dt.timedelta(milliseconds=attempt)))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.mkdir()
+            return path
+        except FileExistsError:
+            if not path.parent.is_dir():
+                raise _cannot_create(path, "a file is in the way") from None
+            if run_name:
+                raise RunFolderExistsError(_exists_message(path)) from None
+        except OSError as error:
+            raise _cannot_create(path, error.strerror or str(error)) from None
+    raise VinakitError(f"No free run folder name in {output_dir} after {tries} tries: set run_name.")
+
+
+def _exists_message(path: Path) -> str:
+    return (f"Run folder {path} already exists and runs are never overwritten: choose another run_name "
+            f"(or leave run_name empty for a timestamped one).")
+
+
+def _cannot_create(path: Path, reason: str) -> VinakitError:
+    return VinakitError(f"Cannot create the run folder {path}: {reason}. Set output_dir to a folder you can write "
+                        f"to, on a disk with free space.")
+
+
 def _claim_run_dir(path: Path) -> None:
-    """Take a folder reserved by the runner, or create a fresh one; an existing run is never reused."""
-    if path.exists():
-        leftovers = {p.name for p in path.iterdir()} - {RESERVED_MARKER}
-        reserved = (path / RESERVED_MARKER).exists()
-        if not reserved or any(not name.endswith(".ipynb") for name in leftovers):
-            raise RunFolderExistsError(
-                f"Run folder {path} already exists and runs are never overwritten: choose another run_name "
-                f"(or leave run_name empty for a timestamped one).")
-        (path / RESERVED_MARKER).unlink()
-        return
-    path.mkdir(parents=True)
+    """Take a folder reserved by the runner; an existing run is never reused."""
+    leftovers = {p.name for p in path.iterdir()} - {RESERVED_MARKER}
+    reserved = (path / RESERVED_MARKER).exists()
+    if not reserved or any(not name.endswith(".ipynb") for name in leftovers):
+        raise RunFolderExistsError(_exists_message(path))
+    (path / RESERVED_MARKER).unlink()
+
+
+def _process() -> dict[str, Any]:
+    """This process, as a run records it: a run whose process is gone is not running any more."""
+    return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
 def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str | None]:
@@ -203,22 +241,110 @@ class Run:
         peak = peak_memory_gib()  # None on a CPU
         if peak is not None:
             self.log_metrics(peak_memory_gib=max(peak, self.read_json("metrics.json").get("peak_memory_gib") or 0))
-        self.update_manifest(status=status, finished_at=_now())
+        mark_run(self.path, status)
 
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
+def mark_run(path: str | os.PathLike[str], status: str, **details: Any) -> dict[str, Any]:
+    """Record how a run ended in its manifest.json: ``status``, ``finished_at`` and ``details``.
+
+    A completed run stays completed (nothing is recorded after it), and an upload that failed stays
+    ``upload_failed`` when the exception it raised is recorded after it (the details are added). Completing a run
+    drops the error an earlier attempt recorded (an interactive session that fixed a cell and ran on).
+
+    Args:
+        path: the run folder (a missing manifest.json is created).
+        status: one of :data:`ENDED`.
+        details: e.g. ``error={"type": ..., "message": ..., "cell": ...}``, ``failed_step``, ``interrupted_by``.
+
+    Returns:
+        The manifest as written.
+    """
+    if status not in ENDED:
+        raise ValueError(f"status must be one of {ENDED}, got {status!r}")
+    manifest_path = Path(path) / "manifest.json"
+    manifest = read_json(manifest_path)
+    current = manifest.get("status")
+    if current == "completed" and status != "completed":  # what happens after the end does not undo it
+        return manifest
+    keep = current == "upload_failed" and status == "failed"
+    if status == "completed":
+        for name in ("error", "failed_step", "interrupted_by"):
+            manifest.pop(name, None)
+    manifest.update(details)
+    manifest.update(status=current if keep else status, finished_at=manifest.get("finished_at") if keep else _now())
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def error_details(error: BaseException, cell: int | None = None) -> dict[str, Any]:
+    """``error`` as a manifest records it: the exception type, its first line, the cell, the step (if known)."""
+    details = error_entry(type(error).__name__, str(error), cell)
+    if getattr(error, "step", None) is not None:
+        details["failed_step"] = error.step
+    return details
+
+
+def error_entry(kind: str, message: str, cell: int | None) -> dict[str, Any]:
+    """The manifest's ``error``: the exception type, the first line of its message, the cell (None: no cell)."""
+    first_line = next((line for line in message.splitlines() if line.strip()), "")
+    return {"error": {"type": kind, "message": first_line, "cell": cell}}
+
+
+_cell_watcher: Any = None  # the IPython hook of the latest run started in this kernel
+
+
+def _watch_cells(run: Run) -> None:
+    """In an IPython kernel (Jupyter, Colab, papermill), mark the run failed, or interrupted, when a cell raises.
+
+    ``vinakit run`` records the same from outside, also when the kernel dies; this hook covers notebooks run
+    by hand. Only the latest run of a kernel is watched.
+    """
+    global _cell_watcher
+    ipython = sys.modules.get("IPython")  # never imported here: outside IPython there is nothing to watch
+    shell = ipython.get_ipython() if ipython else None
+    if shell is None:
+        return
+    if _cell_watcher is not None:
+        with contextlib.suppress(ValueError):
+            shell.events.unregister("post_run_cell", _cell_watcher)
+
+    def after_cell(result: Any) -> None:
+        error = getattr(result, "error_in_exec", None)
+        if error is None:
+            return
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(OSError, VinakitError):  # a full disk must not hide the cell's own error
+            mark_run(run.path, status, **error_details(error, getattr(result, "execution_count", None)))
+
+    shell.events.register("post_run_cell", after_cell)
+    _cell_watcher = after_cell
+
+
 def start_run(params: Any) -> Run:
     """Create the run folder for validated notebook params and write params.yaml and the first manifest.
 
     The folder is ``<output_dir>/<run_name>`` (``run_name`` empty: ``<notebook>-<timestamp>``). An existing
-    folder is never overwritten, except one that ``vinakit run`` reserved for this very execution.
+    folder is never overwritten, except one that ``vinakit run`` reserved for this very execution. The manifest
+    records this process (``pid``, ``host``), so ``vinakit runs`` can tell a run that died from a running one.
+
+    Raises:
+        ParamsError: ``resume_from`` is set and a parameter a resume cannot change differs from the earlier run.
     """
-    run_name = params.run_name or default_run_name(params.notebook)
-    path = Path(params.output_dir).expanduser() / run_name
-    _claim_run_dir(path)
+    from vinakit.resume import check_resume
+
+    check_resume(params)  # before any folder is made: also for notebooks run by hand or by plain papermill
+    output_dir = Path(params.output_dir).expanduser()
+    reserved = output_dir / params.run_name if params.run_name else None
+    if reserved is not None and reserved.is_dir():
+        _claim_run_dir(reserved)
+        path = reserved
+    else:
+        path = _new_run_dir(output_dir, params.run_name, params.notebook)
+    run_name = path.name
     values = params.to_dict()
     values["run_name"] = run_name
     write_text(path / "params.yaml", yaml.safe_dump(values, allow_unicode=True, sort_keys=False))
@@ -232,5 +358,7 @@ def start_run(params: Any) -> Run:
         git_commit=git_commit(),
         python=sys.version.split()[0],
         platform=platform.platform(),
+        **_process(),
     )
+    _watch_cells(run)
     return run

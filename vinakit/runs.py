@@ -6,6 +6,8 @@ rule for what ``adapter`` may name and one way to rebuild a run's validation spl
 * ``adapter`` is a training run folder (``outputs/sft-...``), its ``adapter/`` or ``model/`` folder, any PEFT
   adapter folder (``adapter_config.json``) or a full model folder (``config.json``); empty means the newest
   training run in ``output_dir`` that is not an export run.
+* ``model_name`` may name a training run folder that hands over a full model (a CPT run): it stands for the run's
+  ``model/`` (:func:`model_folder`); a CPT run is never an adapter to put on a base (:func:`refuse_cpt_run`).
 * The base to merge onto and compare against is the 16-bit original (:func:`base_model_16bit`), never the
   ``-bnb-4bit`` copy Unsloth swaps in for QLoRA and PEFT then records in ``adapter_config.json``.
 * The validation split is re-created from the run's ``params.yaml`` with the loader, cleaning and seed training
@@ -41,8 +43,8 @@ P = TypeVar("P", bound=NotebookParams)
 
 __all__ = [
     "ADAPTER_DIR", "MODEL_DIR", "TRAINING_INFO_FILE", "TrainedRun", "ValidationRows", "base_model_16bit",
-    "find_run", "load_cpt_corpus", "folder_fingerprint", "load_sft_data", "newest_trained_run", "run_params",
-    "same_model", "unquantized_name", "validation_rows", "weights_folder",
+    "find_run", "load_cpt_corpus", "folder_fingerprint", "load_sft_data", "model_folder", "newest_trained_run",
+    "refuse_cpt_run", "run_params", "same_model", "unquantized_name", "validation_rows", "weights_folder",
 ]
 
 
@@ -149,6 +151,30 @@ def weights_folder(folder: Path, parameter: str = "adapter") -> tuple[Path, Path
 
 def _holds_weights(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file()
+
+
+def model_folder(folder: Path) -> Path:
+    """The folder a loader should open for ``model_name`` = ``folder``: the folder itself when it holds a model or
+    an adapter, else the ``model/`` a training run hands over (a CPT run folder stands for its model)."""
+    if not _holds_weights(folder) and (folder / MODEL_DIR / "config.json").is_file():
+        return folder / MODEL_DIR
+    return folder
+
+
+def refuse_cpt_run(run: TrainedRun, spec: str, parameter: str = "adapter") -> None:
+    """A CPT run hands over a full model to train or evaluate as a base, not an adapter: say so before loading.
+
+    Raises:
+        VinakitError: ``run`` was made by the CPT notebook; the message says to pass its ``model/`` as model_name.
+    """
+    if run.notebook != "cpt" and run.training.get("kind") != "continued_pretraining":
+        return
+    model = run.weights_dir if run.kind == "full" else (run.run_dir or run.weights_dir.parent) / MODEL_DIR
+    or_run = f", or the run folder {run.run_dir}" if run.run_dir else ""
+    raise VinakitError(
+        f"{parameter}: {spec} is a continued-pretraining (CPT) run. CPT hands over a full model in {model}, not an "
+        f"adapter to put on model_name: pass it as the model instead (-p model_name {model}{or_run}) and leave "
+        f"{parameter} empty, or give the SFT run trained on it as {parameter}.")
 
 
 def _read_params(run_dir: Path | None) -> dict[str, Any]:

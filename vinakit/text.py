@@ -1,6 +1,7 @@
 """Vietnamese text hygiene: one spelling for the same text before training and before comparing.
 
-Vietnamese arrives as NFC or NFD, with invisible characters, as mojibake (UTF-8 bytes read as
+Vietnamese arrives as NFC or NFD, with Windows line endings (Excel writes CRLF inside CSV cells), with invisible
+characters, as mojibake (UTF-8 bytes read as
 cp1252/latin-1 by a spreadsheet or a web scraper) and with two tone-mark placements for the
 diphthongs oa, oe, uy (hòa/hoà, thủy/thuỷ). A tokenizer sees each variant as different tokens
 (Llama-3 spends 2.7x the tokens on NFD), so the kit normalises every string it trains on or scores.
@@ -31,6 +32,10 @@ _VIETNAMESE_LETTERS = frozenset(
 )
 """Letters Vietnamese writes and English does not (bare ASCII vowels left out on purpose)."""
 _VIETNAMESE_MARKS = frozenset(_TONE_MARKS + "\u0302\u0306\u031b")  # NFD text is made of these
+
+# --- line endings --------------------------------------------------------------------------------
+
+_CARRIAGE_RETURN = re.compile("\r\n?")  # CRLF (Windows, Excel) and a lone CR (old Mac) both end a line
 
 # --- invisible characters -------------------------------------------------------------------------
 
@@ -104,6 +109,7 @@ class TextStats:
         zero_width: strings with zero-width characters or soft hyphens removed.
         mojibake: strings repaired from UTF-8 read as cp1252/latin-1.
         tone_marks: strings whose oa/oe/uy tone mark was moved to the chosen style.
+        line_endings: strings whose Windows (CRLF) or old Mac (CR) line endings became LF.
     """
 
     strings: int = 0
@@ -112,6 +118,7 @@ class TextStats:
     zero_width: int = 0
     mojibake: int = 0
     tone_marks: int = 0
+    line_endings: int = 0
 
     def add(self, other: TextStats) -> None:
         """Adds the counts of ``other`` to these counts, in place."""
@@ -126,9 +133,10 @@ class TextStats:
 def normalize_vietnamese(text: str, tone_style: str = "old") -> str:
     """Returns one canonical spelling of Vietnamese text.
 
-    Steps, in order: repair mojibake (only where the repair round-trips and the result looks
-    more Vietnamese, so correct text such as "Châu Âu" is never touched), remove zero-width
-    characters and soft hyphens, compose to NFC, and place the tone mark of a final oa/oe/uy.
+    Steps, in order: turn CRLF and CR line endings into LF, repair mojibake (only where the repair
+    round-trips and the result looks more Vietnamese, so correct text such as "Châu Âu" is never
+    touched), remove zero-width characters and soft hyphens, compose to NFC, and place the tone
+    mark of a final oa/oe/uy.
 
     Args:
         text: any text; NFD input gives the same result as NFC input.
@@ -170,6 +178,21 @@ def normalize_with_counts(texts: Iterable[str], tone_style: str = "old") -> tupl
     return results, stats
 
 
+def is_blank(text: str) -> bool:
+    """Whether ``text`` holds nothing once normalised: only whitespace, zero-width characters, soft hyphens.
+
+    Loaders check emptiness with this, whether or not they normalise, so a passage of invisible characters is
+    an empty passage.
+
+    Args:
+        text: any text.
+
+    Returns:
+        True when nothing visible is left.
+    """
+    return not _normalize_steps(text, "off")[0].strip()
+
+
 def _check_tone_style(tone_style: str) -> None:
     if tone_style not in TONE_STYLES:
         raise ParamsError(f"tone_style must be one of {', '.join(TONE_STYLES)}, got {tone_style!r}")
@@ -178,9 +201,12 @@ def _check_tone_style(tone_style: str) -> None:
 def _normalize_steps(text: str, tone_style: str) -> tuple[str, list[str]]:
     """Runs the steps; returns the result and the names of the steps that changed something."""
     _check_tone_style(tone_style)
-    if text.isascii():  # every problem handled here needs a non-ASCII character
-        return text, []
     steps = []
+    if "\r" in text:  # a "\r" the model learns shows up in every answer it writes
+        text = _CARRIAGE_RETURN.sub("\n", text)
+        steps.append("line_endings")
+    if text.isascii():  # every other problem handled here needs a non-ASCII character
+        return text, steps
     # Mojibake first: a soft hyphen (U+00AD) is part of it ("áº" + SHY is "ậ"), so it must
     # be repaired before invisible characters are removed.
     for name, step in (("mojibake", _repair_mojibake), ("zero_width", _remove_zero_width),

@@ -4,6 +4,8 @@ It lets every notebook run end to end on a CPU without the Hugging Face Hub (CI,
 is a byte-level BPE trained on ``vinakit/sample_data``; the model is a randomly initialised Llama (seed 0).
 The build is cached in a folder named after a hash of the recipe and of the corpus, so changing either
 rebuilds, and it is written atomically (temp folder + rename), so parallel processes never see half a model.
+A stamp file written last records every file's size; a cached folder whose files no longer match it (a
+truncated ``model.safetensors``, a deleted tokenizer file) is rebuilt once, with a line saying so.
 
 The architecture is Llama on purpose: transformers 5 keeps a Llama folder's tokenizer exactly as saved,
 whereas ``model_type=qwen2`` forces Qwen2's pre-tokenizer regex and the ids change on reload.
@@ -19,10 +21,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from vinakit.errors import VinakitError
 
 TINY_MODEL_NAME = "tiny-vi"
 
@@ -71,6 +76,9 @@ SEED_TEXT = (
 )
 
 _STALE_TEMP_SECONDS = 3600
+BUILD_STAMP = "vinakit_build.json"  # written last into a build: the size of every file the build wrote
+# What a complete build holds at least; checked (with the weights' own header) in folders built before stamps.
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -155,26 +163,49 @@ def tiny_folder_name(texts: Iterable[str]) -> str:
 
 
 def tiny_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder of the embedded ``tiny-vi`` model, built first if missing.
+    """The folder of the embedded ``tiny-vi`` model, built first if missing and rebuilt once if damaged.
 
-    The folder is a normal Hugging Face model folder, usable as ``model_name`` by any loader.
+    The folder is a normal Hugging Face model folder, usable as ``model_name`` by any loader. A cached
+    folder is checked against its stamp (file sizes) on every call; a damaged one is rebuilt, and a line on
+    stderr says so.
 
     Args:
         cache_dir: where builds are cached; defaults to ``$VINAKIT_CACHE`` or ``~/.cache/vinakit``.
 
     Returns:
         The model folder.
+
+    Raises:
+        VinakitError: the build (or the rebuild of a damaged folder) failed; the message names the folder.
     """
     texts = corpus_texts()
     root = cache_root(cache_dir)
     target = root / tiny_folder_name(texts)
-    if target.is_dir():
+    problem = _cache_problem(target) if target.is_dir() else None
+    if target.is_dir() and problem is None:
         return target
+    if problem:
+        print(f"vinakit: the cached {TINY_MODEL_NAME} model in {target} is damaged ({problem}); rebuilding it.",
+              file=sys.stderr, flush=True)
+        _set_aside(target, root)
+    try:
+        _build_atomically(target, root, texts)
+        still = _cache_problem(target)
+        if still:
+            raise OSError(f"the new build is damaged too ({still})")
+    except Exception as error:  # any failure of a build ends the same way: name the folder and the way out
+        raise _build_error(target, root, problem, error) from error
+    return target
+
+
+def _build_atomically(target: Path, root: Path, texts: list[str]) -> None:
+    """Build into a temp folder, stamp it, then rename it to ``target`` (readers never see half a model)."""
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_folders(root)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
         build_tiny_model(temp, texts)
+        _write_stamp(temp)
         os.rename(temp, target)  # atomic: readers see no folder or a complete one
     except OSError:
         if not target.is_dir():
@@ -182,7 +213,85 @@ def tiny_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         # Another process finished the same build first; its folder is identical, use it.
     finally:
         shutil.rmtree(temp, ignore_errors=True)
-    return target
+
+
+def _build_error(target: Path, root: Path, problem: str | None, error: BaseException) -> VinakitError:
+    what = (f"The cached {TINY_MODEL_NAME} model in {target} was damaged ({problem}) and rebuilding it failed"
+            if problem else f"Building the {TINY_MODEL_NAME} model into {target} failed")
+    return VinakitError(f"{what}: {type(error).__name__}: {error}. Delete {target} and run again, check that "
+                        f"{root} is writable and has free space, or set VINAKIT_CACHE to another folder.")
+
+
+def _write_stamp(folder: Path) -> None:
+    from vinakit.record import write_json
+
+    sizes = {path.relative_to(folder).as_posix(): path.stat().st_size
+             for path in sorted(folder.rglob("*")) if path.is_file()}
+    write_json(folder / BUILD_STAMP, {"recipe": RECIPE["version"], "files": sizes})
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """What is wrong with a cached build ("config.json is missing" ...), or None when it is intact.
+
+    Sizes catch what damages a cache in practice (a copy or a disk that ran out midway, a deleted file) at the
+    cost of a few ``stat`` calls, cheap enough to run on every load.
+    """
+    try:
+        stamp = json.loads((folder / BUILD_STAMP).read_text(encoding="utf-8"))
+        sizes = {str(name): int(size) for name, size in stamp["files"].items()}
+    except FileNotFoundError:
+        return _adopt_unstamped(folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {BUILD_STAMP} is unreadable"
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes instead of {size}: cut short"
+    return None
+
+
+def _adopt_unstamped(folder: Path) -> str | None:
+    """A folder built before stamps existed: check it by its own contents, then stamp it (no needless rebuild)."""
+    for name in _REQUIRED_FILES:
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+    problem = _safetensors_problem(folder / "model.safetensors")
+    if problem:
+        return problem
+    try:
+        _write_stamp(folder)
+    except OSError:
+        pass  # a read-only cache still works; it is checked this way again next time
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether the file is as long as its header says (an 8-byte length, a JSON header, then the tensors)."""
+    try:
+        with path.open("rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_size))
+        end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} has an unreadable header"
+    expected = 8 + header_size + end
+    actual = path.stat().st_size
+    return None if actual == expected else f"{path.name} has {actual} bytes instead of {expected}: cut short"
+
+
+def _set_aside(target: Path, root: Path) -> None:
+    """Move a damaged build out of the way, then delete it (a rename first, so no reader sees it half deleted)."""
+    if _cache_problem(target) is None:
+        return  # another process has just rebuilt it
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-damaged-", dir=root))
+    try:
+        os.replace(target, aside / target.name)
+    except OSError:
+        pass  # gone already (another process set it aside): the build below recreates it
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_stale_temp_folders(root: Path) -> None:

@@ -173,11 +173,14 @@ def build_trainer(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: 
     args = training_arguments(params, run, model, has_eval=eval_dataset is not None)
     collator = PaddingCountingCollator(_pad_id(tokenizer))
     history = LossHistory()
+    # With fp16 the loss scaler skips steps with inf gradients by design: only the loss is watched then.
+    guard = NonFiniteGuard(check_gradients=not args.fp16)
     trainer_cls = _trainer_class(params.backend)
     trainer = trainer_cls(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                           eval_dataset=eval_dataset, args=args, data_collator=collator,
-                          callbacks=[_as_callback(history), *(callbacks or [])])
+                          callbacks=[_as_callback(history), _as_callback(guard), *(callbacks or [])])
     trainer.vinakit_history = history
+    trainer.vinakit_guard = guard
     trainer.vinakit_collator = collator
     return trainer
 
@@ -241,8 +244,15 @@ class LengthBucketSampler:
 
 
 class _KitTrainerMixin:
-    """Length-bucketed sampling, and evaluation batches through the plain collator (so the padding count
-    covers training batches only)."""
+    """Length-bucketed sampling, evaluation batches through the plain collator (so the padding count covers
+    training batches only), and every micro-batch's loss shown to the :class:`NonFiniteGuard`."""
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        loss = super().training_step(*args, **kwargs)
+        guard = getattr(self, "vinakit_guard", None)
+        if guard is not None:
+            guard.saw_loss(loss, self.state.global_step + 1)
+        return loss
 
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         dataset = self.train_dataset
@@ -317,15 +327,63 @@ class LossHistory:
             self.eval.append((state.global_step, float(logs["eval_loss"])))
 
 
-def _as_callback(history: LossHistory) -> Any:
-    """Wrap the history as a TrainerCallback (transformers is imported here, after Unsloth)."""
+class NonFiniteGuard:
+    """Stops training at the first NaN/inf loss or gradient norm (a ``TrainerCallback`` through ``_as_callback``).
+
+    The loss of every micro-batch comes from ``_KitTrainerMixin.training_step`` (the trainer's own logs hide a
+    NaN loss behind ``logging_nan_inf_filter``). Once tripped, the step's gradients are dropped, so the optimizer
+    leaves the weights as they were; training stops at the end of the step without saving a checkpoint, and
+    :func:`run_training` raises :class:`~vinakit.errors.TrainingDivergedError`. Earlier checkpoints are kept.
+
+    Args:
+        check_gradients: also check the gradient norm before each optimizer step.
+    """
+
+    def __init__(self, check_gradients: bool = True) -> None:
+        self.check_gradients = check_gradients
+        self.step: int | None = None
+        self.what = ""
+        self.value = 0.0
+
+    def saw_loss(self, loss: Any, step: int) -> None:
+        """Check one micro-batch's loss (``step``: the optimizer step it belongs to, 1-based)."""
+        value = float(loss)  # one sync per micro-batch: the trainer's own NaN filter syncs there already
+        if self.step is None and not math.isfinite(value):
+            self.step, self.what, self.value = step, "loss", value
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        if model is None:
+            return
+        if self.step is None and self.check_gradients:
+            norm = _gradient_norm(model)
+            if not math.isfinite(norm):
+                self.step, self.what, self.value = state.global_step + 1, "gradient norm", norm
+        if self.step is not None:
+            model.zero_grad(set_to_none=True)  # a parameter without a gradient is not touched by the optimizer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.step is not None:
+            control.should_training_stop = True
+            control.should_save = False  # never a checkpoint of this step: the last good one stays the newest
+            control.should_evaluate = False
+
+
+def _gradient_norm(model: Any) -> float:
+    import torch
+
+    grads = [param.grad for param in model.parameters() if param.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _as_callback(handler: Any) -> Any:
+    """Wrap an object's ``on_*`` methods as a TrainerCallback (transformers is imported here, after Unsloth)."""
     from transformers import TrainerCallback
 
-    class _Callback(TrainerCallback):
-        def on_log(self, *args: Any, **kwargs: Any) -> None:
-            history.on_log(*args, **kwargs)
+    def forward(event: str) -> Any:
+        return lambda self, *args, **kwargs: getattr(handler, event)(*args, **kwargs)
 
-    return _Callback()
+    events = {name: forward(name) for name in dir(handler) if name.startswith("on_")}
+    return type(f"{type(handler).__name__}Callback", (TrainerCallback,), events)()
 
 
 def last_checkpoint(run_folder: str | Path) -> Path:
@@ -369,6 +427,8 @@ def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     seconds = time.perf_counter() - start
+    if trainer.vinakit_guard.step is not None:
+        raise _diverged(trainer.vinakit_guard, params, run)
     history: LossHistory = trainer.vinakit_history
     collator: TokenCountingCollator = trainer.vinakit_collator
     metrics: dict[str, Any] = {
@@ -388,6 +448,23 @@ def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
                        eval_loss_history=[loss for _, loss in history.eval],
                        eval_loss_steps=[step for step, _ in history.eval])
     return run.log_metrics(**metrics)
+
+
+def _diverged(guard: NonFiniteGuard, params: Any, run: Run) -> Exception:
+    """The error for a tripped guard; the run is marked failed with the step first."""
+    from vinakit.errors import TrainingDivergedError, VinakitError
+    from vinakit.record import error_details, mark_run
+
+    try:
+        kept = f"the last good checkpoint is kept: {last_checkpoint(run.path)}"
+    except VinakitError:
+        kept = f"no checkpoint was written before it (every save_steps={params.save_steps} steps)"
+    error = TrainingDivergedError(
+        f"Training stopped at step {guard.step}: the {guard.what} is {guard.value} (not a finite number). Nothing "
+        f"was saved as the run's result; {kept}. Lower learning_rate (now {params.learning_rate}) or check the "
+        f"data, then start again.", step=guard.step)
+    mark_run(run.path, "failed", **error_details(error))
+    return error
 
 
 def save_trained(model: Any, tokenizer: Any, run: Run, params: Any, *, name: str = "adapter") -> Path:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 from vinakit.errors import DataError
 from vinakit.sources import BadRow, DataReport, read_rows
+from vinakit.text import is_blank
 
 VMLU_SAMPLE = "vinakit:vmlu"
 VMLU_SAMPLE_FILE = Path(__file__).resolve().parent / "sample_data" / "vmlu_sample.jsonl"
@@ -78,8 +79,8 @@ def _vmlu_item(row: Any, clean: Callable[[str], str], cells_are_text: bool) -> d
     if not isinstance(row, dict):
         raise BadRow("wrong_type", f"a row must be an object, got {type(row).__name__}")
     question = row.get("question")
-    if not isinstance(question, str) or not question.strip():
-        raise BadRow("missing_field", "no question", "question")
+    if not isinstance(question, str) or is_blank(question):  # zero-width characters alone are no question
+        raise BadRow("missing_field", "no question (empty, or only invisible characters)", "question")
     choices = _vmlu_choices(row.get("choices"), cells_are_text)
     answer = str(row.get("answer") or "").strip().strip("().:").upper()
     if not answer:
@@ -104,8 +105,8 @@ def _vmlu_choices(value: Any, cells_are_text: bool) -> list[str]:
         text = str(choice).strip()
         for label in (f"{letter}.", f"{letter})", f"{letter}:"):
             text = text[len(label):].strip() if text.startswith(label) else text  # VMLU writes "A. ..."
-        if not text:
-            raise BadRow("bad_choices", f"choice {letter} is empty", "choices")
+        if is_blank(text):
+            raise BadRow("bad_choices", f"choice {letter} is empty (or only invisible characters)", "choices")
         choices.append(text)
     return choices
 
