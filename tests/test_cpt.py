@@ -379,3 +379,41 @@ def test_full_finetuning_stages_and_saves_a_model_folder(tmp_path: Path):
     folder = cpt.save_model(trained.params, trained.model, trained.vocabulary.tokenizer, trained.run)
     loaded, _ = model_lib.load_model(str(folder), backend="hf", max_seq_length=64)
     assert max_logit_difference(trained.model, loaded, trained.vocabulary.tokenizer) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ displays
+
+
+def test_packing_and_vocabulary_show_tables_with_integer_counts(tiny_dir: Path):
+    from transformers import AutoTokenizer
+
+    from vinakit.packing import PackedCorpus
+    from vinakit.sources import DataReport
+    from vinakit.vocab import fertility_report
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    blocks = pack_documents(tokenizer, CORPUS_DOCS, 32, isolate=True)
+    packed = PackedCorpus(blocks, blocks, 32, True, blocks)
+    page = packed._repr_html_()
+    assert f"train_tokens</th><td style=\"text-align:left\">{blocks.real_tokens}<" in page and ".0<" not in page
+    assert "\n" not in repr(packed) and repr(packed).startswith("PackedCorpus(block_size=32, ")
+    fertility = fertility_report(tokenizer, tokenizer, CORPUS_DOCS)
+    vocabulary = cpt.VocabularyExtension(model=None, tokenizer=tokenizer, added=[], fertility=fertility)
+    page = vocabulary._repr_html_()
+    assert f"tokens before</th><td style=\"text-align:left\">{fertility.tokens_before}<" in page
+    assert f"{fertility.before:.4g}<" in page and "new tokens</th><td style=\"text-align:left\">0<" in page
+    corpus = cpt.Corpus(CORPUS_DOCS[1:], CORPUS_DOCS[:1], DataReport("corpus.txt", rows_read=len(CORPUS_DOCS),
+                                                                     rows_used=len(CORPUS_DOCS)), 0)
+    page = corpus._repr_html_()
+    assert "validation_documents</th><td style=\"text-align:left\">1<" in page and "Data report" in page
+    assert "\n" not in repr(corpus) and repr(corpus).startswith("Corpus(documents_read=")
+
+
+def test_the_stage_table_shows_losses_with_four_significant_digits():
+    from vinakit.stages import StagedTraining
+
+    table = StagedTraining([{"stage": 1, "name": "full", "global_step": 50.0, "train_loss": 6.697938,
+                             "eval_loss": 6.593459, "embedding_update_norm": 0.0123456}], {}).to_frame()
+    assert table.loc[0, ["global_step", "train_loss", "eval_loss", "embedding_update_norm"]].tolist() == \
+        [50, 6.698, 6.593, 0.01235]
+    assert "50.0" not in table.to_string()

@@ -644,3 +644,50 @@ def test_windows_line_endings_in_csv_cells_become_lf_and_are_counted(tmp_path: P
     assert "line_endings 2" in data.report.summary()
     raw = load_chat_dataset(str(tmp_path / "excel.csv"), normalize=False)
     assert contents(raw)[0][1] == "Hà Nội\r\nHải Phòng"  # normalize_text: false keeps the text as it is
+
+
+def test_data_report_shows_a_table_of_counts_and_a_one_line_repr(tmp_path: Path) -> None:
+    garbled = "Tiếng Việt".encode("utf-8").decode("cp1252")
+    path = write_jsonl(tmp_path / "mixed.jsonl", [chat(garbled, "Đúng rồi."), {"messages": []},
+                                                  chat("Hỏi", "Đáp")])
+    report = load_chat_dataset(path, skip_bad_rows=True).report
+    page = report._repr_html_()
+    assert "<table>" in page and "rows read</th><td style=\"text-align:left\">3<" in page
+    assert "rows used</th><td style=\"text-align:left\">2<" in page
+    assert "rows skipped</th><td style=\"text-align:left\">1<" in page
+    assert all(f"skipped: {reason}" in page for reason in report.skip_reasons)
+    assert "normalised: mojibake" in page and ".0<" not in page
+    assert repr(report) == f"DataReport(source={report.source!r}, rows_read=3, rows_used=2, rows_skipped=1)"
+
+
+def test_display_formats_counts_as_integers_and_floats_with_four_significant_digits() -> None:
+    from vinakit.display import Summary, format_value, html_table
+
+    assert [format_value(v) for v in (43707.0, 8.13680648803711, 0.38446685, 2417, None, True)] == \
+        ["43707", "8.137", "0.3845", "2417", "", "True"]
+    assert Summary({"num_tokens": 43707.0, "loss": 8.13680648803711}) == {"num_tokens": 43707, "loss": 8.137}
+    assert html_table({"<b>": "x&y"}, "T") == ('<table><caption style="text-align:left"><b>T</b></caption><tr>'
+                                              '<th style="text-align:left">&lt;b&gt;</th>'
+                                              '<td style="text-align:left">x&amp;y</td></tr></table>')
+
+
+def test_the_notebook_loss_table_after_training_shows_integers_and_four_digits(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import IPython.display
+    from transformers.utils.notebook import NotebookProgressCallback
+
+    from vinakit.display import tidy_notebook_table
+
+    shown: list[str] = []
+    monkeypatch.setattr(IPython.display, "display", lambda page: shown.append(page.data))
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[object(), NotebookProgressCallback()]))
+    tidy_notebook_table(trainer)
+    callback = trainer.callback_handler.callbacks[1]
+    assert isinstance(callback, NotebookProgressCallback) and type(callback) is not NotebookProgressCallback
+    callback.on_evaluate(SimpleNamespace(eval_strategy="steps"), SimpleNamespace(
+        log_history=[{"loss": 8.13680648803711}], global_step=4), None,
+        metrics={"eval_loss": 7.699123, "eval_num_tokens": 3401.0})
+    assert len(shown) == 1 and callback.training_tracker is None
+    assert all(f"<td>{cell}</td>" in shown[0] for cell in ("8.137", "7.699", "3401", "4"))
+    assert ".000000" not in shown[0]

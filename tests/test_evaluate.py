@@ -317,3 +317,21 @@ def test_base_vs_fine_tuned_end_to_end(sft_run: Path, tmp_path: Path):
     assert list(examples.columns) == ["context", "base: output", "base: valid", "fine-tuned: output",
                                       "fine-tuned: valid"]
     assert "format valid" in evaluate.summary_text(evaluation)
+
+
+def test_evaluation_shows_the_comparison_table_and_one_line_reprs():
+    import pandas as pd
+
+    from vinakit.evaluate import Evaluation, ModelResult
+    from vinakit.record import Metrics
+
+    predictions = pd.DataFrame({"context": ["a", "b"]})
+    results = [ModelResult(label, "tiny-vi", predictions, {"format_valid_rate": rate, "items": 2.0},
+                           pd.DataFrame(), pd.DataFrame()) for label, rate in (("base", 0.5), ("fine-tuned", 2 / 3))]
+    evaluation = Evaluation(results, note="", metrics=Metrics())
+    page = evaluation._repr_html_()
+    assert "Evaluation: base vs fine-tuned" in page and "format_valid_rate" in page and "0.6667" in page
+    assert "0.666666" not in page
+    assert repr(evaluation) == "Evaluation(models=['base', 'fine-tuned'], items=2)"
+    assert "items</th><td style=\"text-align:left\">2<" in results[0]._repr_html_()
+    assert repr(results[0]) == "ModelResult(label='base', model='tiny-vi', items=2)"

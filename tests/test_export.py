@@ -702,3 +702,18 @@ def test_fidelity_figures_match_the_golden_values(backend: str, tiny_dir: Path, 
         f"  recorded with {golden['tiny_model']} and {golden['libraries']};\n  now {tiny_dir.name} and "
         f"{_golden_libraries()}.\nIf the change is intended (a fix, a new recipe, new sample data, a library "
         f"upgrade), refresh the values on purpose and say why in the commit: {REFRESH}")
+
+
+def test_fidelity_gguf_and_publish_results_show_tables_and_one_line_reprs(exported: SimpleNamespace):
+    from vinakit.hub import PushedRepo
+
+    page = exported.fidelity._repr_html_()
+    assert "Fidelity check passed" in page and "max_abs_logit_diff" in page
+    assert "chat_template_identical</th><td style=\"text-align:left\">True<" in page
+    assert repr(exported.fidelity) == "FidelityReport(passed=True, problems=0)"
+    assert "status</th><td style=\"text-align:left\">unavailable<" in exported.gguf._repr_html_()
+    assert repr(exported.gguf) == "GGUFResult(status='unavailable', files=[])"
+    repo = PushedRepo(REPO_ID, "https://hub/x", "https://hub/x/commit/1", True, "merged_16bit")
+    report = publish.PublishReport("uploaded", "done", [repo])
+    assert "Publish: uploaded" in report._repr_html_() and REPO_ID in report._repr_html_()
+    assert repr(report) == f"PublishReport(status='uploaded', repos=[{REPO_ID!r}])"

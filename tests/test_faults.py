@@ -418,6 +418,9 @@ def test_vinakit_runs_shows_how_every_run_ended(out: Path, diverged, interrupted
         "terminated": "interrupted", "disk-full": "failed", "upload": uploaded}
     assert uploaded in ("upload_failed", "completed")
     assert [shown[name] for name in twin_names] == ["failed", "failed"]
-    assert result.stdout.splitlines()[0].split() == ["run", "status", "notebook", "started", "duration", "metric"]
+    assert result.stdout.splitlines()[0].split() == ["run", "status", "notebook", "started", "duration", "metric",
+                                                     "report"]
     rows = {row.name: row for row in list_runs(out)}
+    # the runner writes report.html for failed and interrupted runs too: whatever ran, ready to be shared
+    assert all(rows[name].report == "report.html" for name in ("diverged", "interrupted", "terminated", "disk-full"))
     assert rows["resumed"].metric.startswith("eval_loss=") and rows["upload"].notebook == "export"

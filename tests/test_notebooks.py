@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_report import report_problems
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -65,6 +66,9 @@ def check_run_folder(run: Path, name: str) -> dict:
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     # every notebook plans its memory before it loads a model (vinakit.plan), on a CPU too
     assert isinstance(metrics["estimated_peak_memory_gib"], float) and manifest["memory_plan"]["fits"] in (True, False)
+    # report.html: the executed notebook for any browser, and what it shows is clean (tests/test_report.py)
+    problems = report_problems(run, name)
+    assert not problems, "\n".join(problems)
     return manifest
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -21,7 +22,9 @@ from typing import Any, Iterator
 
 from vinakit.errors import VinakitError
 from vinakit.params import NOTEBOOK_PARAMS, params_class
+from vinakit.quiet import HEADLESS_ENV, KERNEL_ARGUMENTS
 from vinakit.record import error_entry, reserve_run_dir
+from vinakit.report import REPORT_FILE, write_report
 from vinakit.resume import Resolved, resolve
 from vinakit.status import list_runs, next_step, record_end, rerun_command, runs_table
 
@@ -85,10 +88,26 @@ def run_notebook(notebook: str, yaml_files: list[str], overrides: list[tuple[str
         name = getattr(stop, "signal_name", "SIGINT")
         status = record_end(run_dir, cls.notebook, "interrupted", interrupted_by=name)["status"]
         raise RunInterrupted(name, f"interrupted ({name}): {run_dir} is marked {status}. "
-                                   f"{next_step(run_dir, cls.notebook, rerun)}") from None
+                                   f"{next_step(run_dir, cls.notebook, rerun)}{_report(executed)}") from None
     except Exception as error:  # noqa: BLE001 - whatever stopped papermill, the run folder must say so
         raise _failed(error, run_dir, executed, cls.notebook, rerun) from None
+    note = _report(executed)
+    if not (run_dir / REPORT_FILE).is_file():
+        print(note.strip(), file=sys.stderr, flush=True)
     return run_dir
+
+
+def _report(executed: Path) -> str:
+    """Write the run's report.html (also after a failure: whatever ran) and return the line naming it.
+
+    A report that cannot be written never hides how the run ended: the reason is returned in its place.
+    """
+    try:
+        path = write_report(executed)
+    except Exception as error:  # noqa: BLE001 - the run's own outcome is what the runner must report
+        first = (str(error).splitlines() or [""])[0]
+        return f"\nvinakit: no {REPORT_FILE}: {type(error).__name__}: {first}"
+    return f"\nvinakit: report (opens in any browser): {path}" if path else ""
 
 
 def _resolve(cls: Any, yaml_files: list[str], overrides: list[tuple[str, str]]) -> Resolved:
@@ -106,13 +125,14 @@ def _execute(path: Path, executed: Path, values: dict[str, Any], kernel_name: st
     this call started and lets papermill write what ran into the executed notebook.
     """
     outcome: dict[str, BaseException] = {}
-    with _signals_interrupt():
+    with _signals_interrupt(), _headless_env():
         import papermill  # heavy: imported only once the parameters are known to be valid
 
         def work() -> None:
             try:
                 papermill.execute_notebook(str(path), str(executed), parameters=values, kernel_name=kernel_name,
-                                           progress_bar=progress_bar, log_output=False, cwd=str(Path.cwd()))
+                                           progress_bar=progress_bar, log_output=False, cwd=str(Path.cwd()),
+                                           extra_arguments=list(KERNEL_ARGUMENTS))
             except BaseException as error:  # noqa: BLE001 - handed to the main thread below
                 outcome["error"] = error
 
@@ -130,6 +150,20 @@ def _execute(path: Path, executed: Path, values: dict[str, Any], kernel_name: st
             raise
     if "error" in outcome:
         raise outcome["error"]
+
+
+@contextlib.contextmanager
+def _headless_env() -> Iterator[None]:
+    """``VINAKIT_HEADLESS=1`` during the run: the kernel inherits it and draws text progress bars (vinakit.quiet)."""
+    previous = os.environ.get(HEADLESS_ENV)
+    os.environ[HEADLESS_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(HEADLESS_ENV, None)
+        else:
+            os.environ[HEADLESS_ENV] = previous
 
 
 @contextlib.contextmanager
@@ -187,7 +221,7 @@ def _failed(error: Exception, run_dir: Path, executed: Path, notebook: str, reru
     after = f"Every file is kept in {run_dir}." if status == "upload_failed" else next_step(run_dir, notebook, rerun)
     return VinakitError(f"the {notebook} run failed {where}: {ename}: {first}\n"
                         f"vinakit: status {status} in {run_dir / 'manifest.json'}; the full error is in {executed}."
-                        f"{_disk_hint(first, run_dir)} {after}")
+                        f"{_disk_hint(first, run_dir)} {after}{_report(executed)}")
 
 
 def _disk_hint(message: str, run_dir: Path) -> str:
@@ -271,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vinakit: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"vinakit: done. Results: {run_dir}")
+    report = run_dir / REPORT_FILE
+    if report.is_file():
+        print(f"vinakit: report (opens in any browser): {report}")
     return 0
 
 

@@ -80,8 +80,15 @@ class Corpus:
             "train_characters": sum(len(doc) for doc in self.train),
         }
 
+    def _repr_html_(self) -> str:
+        from vinakit.display import html_table
+
+        return html_table(self.summary(), "Corpus") + self.report._repr_html_()
+
     def __repr__(self) -> str:
-        return "\n".join(f"{name}: {value}" for name, value in self.summary().items())
+        from vinakit.display import one_line
+
+        return one_line("Corpus", **{key: value for key, value in self.summary().items() if key != "source"})
 
 
 def load_corpus(params: CPTParams, run: Run) -> Corpus:
@@ -254,6 +261,16 @@ class VocabularyExtension:
                               "tokens saved": getattr(details.get(t.word), "tokens_saved", None)}
                              for t in self.added], columns=["word", "id", "old pieces", "split as",
                                                             "corpus count", "tokens saved"])
+
+    def _repr_html_(self) -> str:
+        from vinakit.display import html_table
+
+        return html_table({"new tokens": len(self.added), "validation texts": self.fertility.texts,
+                           "syllables": self.fertility.syllables, "tokens before": self.fertility.tokens_before,
+                           "tokens after": self.fertility.tokens_after,
+                           "tokens per syllable before": self.fertility.before,
+                           "tokens per syllable after": self.fertility.after,
+                           "tokens saved": f"{self.fertility.tokens_saved_share:.1%}"}, "Vocabulary extension")
 
     def __repr__(self) -> str:
         return (f"{len(self.added)} new tokens; fertility on the validation split {self.fertility.before:.4f} -> "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vinakit.cli import run_notebook
 from vinakit.record import default_run_name
+from vinakit.report import REPORT_FILE
 
 PRESET = Path(__file__).resolve().parent.parent / "params" / "cpu_tiny.yaml"
 
@@ -34,6 +35,9 @@ def main() -> int:
     print(f"  Eval run: {eval_dir}  (predictions.csv, comparison.csv, comparison.png, metrics.json)")
     print(_eval_comparison(eval_dir))
     print(f"  Export run: {export_dir}  (adapter/, merged_16bit/ with README.md, fidelity.csv, metrics.json)")
+    print("  Reports (each run's executed notebook with its outputs and plots; open in any browser):")
+    for folder in (cpt_dir, sft_dir, eval_dir, export_dir):
+        print(f"    {folder / REPORT_FILE}")
     return 0
 
 

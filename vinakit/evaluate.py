@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from vinakit import display
 from vinakit.device import free_memory
 from vinakit.errors import DataError, ParamsError, VinakitError
 from vinakit.data import MCQ_LETTERS as LETTERS
@@ -356,6 +357,7 @@ class ModelResult:
     summary: dict[str, Any]
     vmlu: Any
     vmlu_subjects: Any
+    _repr_html_, __repr__ = display.model_result_html, display.model_result_repr
 
 
 @dataclass
@@ -365,6 +367,7 @@ class Evaluation:
     results: list[ModelResult]
     note: str
     metrics: Metrics
+    _repr_html_, __repr__ = display.evaluation_html, display.evaluation_repr
 
     @property
     def primary(self) -> ModelResult:
@@ -635,8 +638,9 @@ def write_results(run: Run, evaluation: Evaluation) -> Metrics:
 
 
 def plot_comparison(evaluation: Evaluation) -> Any:
-    """A grouped bar chart of the main metrics (0-1), one bar per model."""
+    """A grouped bar chart of the main metrics (0-1), one bar per model; the title names the evaluated model."""
     import matplotlib.pyplot as plt
+    from vinakit.model import display_name
 
     names = [name for name in PLOTTED_METRICS if any(r.summary.get(name) is not None for r in evaluation.results)]
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -650,7 +654,8 @@ def plot_comparison(evaluation: Evaluation) -> Any:
     ax.set_xticks([i + width * (len(evaluation.results) - 1) / 2 for i in range(len(names))])
     ax.set_xticklabels([n.replace("_", " ") for n in names], rotation=20, ha="right", fontsize=8)
     ax.set_ylim(0, 1.1)
-    ax.set_title(f"MCQ evaluation ({evaluation.primary.summary.get('n_items')} items)")
+    ax.set_title(f"MCQ evaluation of {display_name(evaluation.primary.model)} "
+                 f"({evaluation.primary.summary.get('n_items')} items)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     return fig
@@ -659,6 +664,7 @@ def plot_comparison(evaluation: Evaluation) -> Any:
 def plot_answer_letters(evaluation: Evaluation) -> Any:
     """The share of each declared key letter among valid MCQs, per model (a flat 0.25 means no position bias)."""
     import matplotlib.pyplot as plt
+    from vinakit.model import display_name
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     width = 0.8 / len(evaluation.results)
@@ -670,7 +676,7 @@ def plot_answer_letters(evaluation: Evaluation) -> Any:
     ax.set_xticks([i + width * (len(evaluation.results) - 1) / 2 for i in range(len(LETTERS))])
     ax.set_xticklabels(LETTERS)
     ax.set_ylabel("share of keys")
-    ax.set_title("Answer-letter distribution")
+    ax.set_title(f"Answer-letter distribution: {display_name(evaluation.primary.model)}")
     ax.legend(fontsize=8)
     return fig
 

@@ -66,6 +66,17 @@ class FidelityReport:
     passed: bool
     problems: list[str] = field(default_factory=list)
 
+    def _repr_html_(self) -> str:
+        from vinakit.display import frame_html, html_table
+
+        verdict = "passed" if self.passed else "failed: " + "; ".join(self.problems)
+        return frame_html(self.table, f"Fidelity check {verdict}") + html_table(self.checks, "Checks")
+
+    def __repr__(self) -> str:
+        from vinakit.display import one_line
+
+        return one_line("FidelityReport", passed=self.passed, problems=len(self.problems))
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Logits, loss, perplexity

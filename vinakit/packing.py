@@ -221,8 +221,15 @@ class PackedCorpus:
                         "ids, so attention can cross document boundaries inside a block"),
         }
 
+    def _repr_html_(self) -> str:
+        from vinakit.display import html_table
+
+        return html_table(self.summary(), "Packing")
+
     def __repr__(self) -> str:
-        return "\n".join(f"{name}: {value}" for name, value in self.summary().items())
+        from vinakit.display import one_line
+
+        return one_line("PackedCorpus", **{key: value for key, value in self.summary().items() if key != "packing"})
 
 
 def validation_loss(model: Any, blocks: PackedBlocks, batch_size: int) -> tuple[float, int]:

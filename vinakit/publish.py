@@ -60,6 +60,17 @@ class GGUFResult:
     def __str__(self) -> str:
         return self.message
 
+    def __repr__(self) -> str:
+        from vinakit.display import one_line
+
+        return one_line("GGUFResult", status=self.status, files=self.files)
+
+    def _repr_html_(self) -> str:
+        from vinakit.display import html_table
+
+        return html_table({"status": self.status, "message": self.message, "folder": self.folder,
+                           "files": self.files}, "GGUF")
+
 
 def llama_cpp_folder() -> Path:
     """Where Unsloth looks for llama.cpp: ``$UNSLOTH_LLAMA_CPP_PATH`` or ``~/.unsloth/llama.cpp``."""
@@ -195,6 +206,16 @@ class PublishReport:
         if not self.repos:
             return pd.DataFrame({"status": [self.status], "message": [self.message]})
         return pd.DataFrame([r.to_dict() for r in self.repos]).set_index("repo_id")
+
+    def _repr_html_(self) -> str:
+        from vinakit.display import frame_html
+
+        return frame_html(self.table(), f"Publish: {self.status}")
+
+    def __repr__(self) -> str:
+        from vinakit.display import one_line
+
+        return one_line("PublishReport", status=self.status, repos=[r.repo_id for r in self.repos])
 
 
 def publish_run(run_dir: str | os.PathLike[str], repo_id: str, *, methods: Sequence[str] = ("merged_16bit",),

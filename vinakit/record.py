@@ -184,6 +184,13 @@ class Metrics(dict):
     (which are plain literals) never mistakes a metrics variable for a parameter."""
 
 
+class SavedPath(type(Path())):  # type: ignore[misc]  # the concrete class: Path itself cannot be subclassed on 3.11
+    """A path that a notebook cell ending with it shows as ``saved <path>``, not as ``PosixPath('...')``."""
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(f"saved {self}")
+
+
 @dataclass
 class Run:
     """A run folder and the files that describe it."""
@@ -229,8 +236,8 @@ class Run:
         return Metrics(current)
 
     def save_figure(self, figure: Any, name: str) -> Path:
-        """Save a matplotlib figure as PNG in the run folder."""
-        path = self.path / (name if name.endswith(".png") else f"{name}.png")
+        """Save a matplotlib figure as PNG in the run folder; returns its path."""
+        path = SavedPath(self.path / (name if name.endswith(".png") else f"{name}.png"))
         figure.savefig(path, dpi=120, bbox_inches="tight")
         return path
 
@@ -334,8 +341,10 @@ def start_run(params: Any) -> Run:
     Raises:
         ParamsError: ``resume_from`` is set and a parameter a resume cannot change differs from the earlier run.
     """
+    from vinakit import quiet
     from vinakit.resume import check_resume
 
+    quiet.install()  # the first kit call of every notebook: before any model library is imported
     check_resume(params)  # before any folder is made: also for notebooks run by hand or by plain papermill
     output_dir = Path(params.output_dir).expanduser()
     reserved = output_dir / params.run_name if params.run_name else None

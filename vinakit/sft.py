@@ -68,6 +68,23 @@ def train(params: SFTParams, model: Any, tokenizer: Any, tokenized: Any, run: Ru
     return metrics
 
 
+def model_summary(run: Run) -> Any:
+    """Trainable and total parameters (recorded in the manifest by :func:`load_model`), shown as a table."""
+    from vinakit.display import Summary
+
+    counts = run.read_json("manifest.json")["trainable_parameters"]
+    return Summary({"trainable parameters": counts["trainable"], "total parameters": counts["total"],
+                    "trainable share": f"{counts['share']:.2%}"}, "Model")
+
+
+def training_summary(training: dict[str, Any]) -> Any:
+    """The headline training figures, shown as a table (losses with 4 significant digits, counts as integers)."""
+    from vinakit.display import Summary
+
+    keys = ("train_loss", "eval_loss", "global_step", "tokens_per_second", "nonpad_token_share")
+    return Summary({key: training[key] for key in keys if key in training}, "Training")
+
+
 def sample_generations(params: SFTParams, model: Any, tokenizer: Any, run: Run) -> Any:
     """Answer the sample prompts with the trained model; a DataFrame, also saved as samples.csv."""
     import pandas as pd

@@ -146,6 +146,34 @@ class DataReport:
         ]
         return "\n".join(lines)
 
+    def rows(self) -> list[tuple[str, Any]]:
+        """The report as (name, value) rows for a table: counts, skip reasons, formats, normalisations."""
+        fixes = {name: count for name, count in self.text.to_dict().items()
+                 if name not in ("strings", "changed") and count}
+        rows: list[tuple[str, Any]] = [("source", self.source), ("rows read", self.rows_read),
+                                       ("rows used", self.rows_used), ("rows skipped", self.rows_skipped)]
+        rows += [(f"skipped: {reason}", count) for reason, count in self.skip_reasons.most_common()]
+        rows += [(f"format: {name}", count) for name, count in self.formats.most_common()]
+        rows.append(("text normalised", f"{self.tone_style} tone style, {self.text.changed} of "
+                                        f"{self.text.strings} strings changed" if self.normalized else "no"))
+        rows += [(f"normalised: {name}", count) for name, count in fixes.items()]
+        rows += [("split", self.split), ("train rows", self.train_rows), ("validation rows", self.validation_rows)]
+        return rows
+
+    def _repr_html_(self) -> str:
+        from vinakit.display import html_table
+
+        tables = html_table(self.rows(), "Data report")
+        if self.validation_report is not None:
+            tables += html_table(self.validation_report.rows(), "Validation source")
+        return tables
+
+    def __repr__(self) -> str:
+        from vinakit.display import one_line
+
+        return one_line("DataReport", source=self.source, rows_read=self.rows_read, rows_used=self.rows_used,
+                        rows_skipped=self.rows_skipped)
+
     def skip(self, reason: str, example: str) -> None:
         self.skip_reasons[reason] += 1
         if len(self.skipped_examples) < MAX_SKIPPED_EXAMPLES:

@@ -82,7 +82,10 @@ class StagedTraining:
 
         keys = ("stage", "name", "global_step", "train_loss", "eval_loss", "embedding_update_norm",
                 "old_embedding_rows_update_norm", "body_update_norm", "resumed")
-        return pd.DataFrame([{key: stage.get(key) for key in keys} for stage in self.stages])
+        from vinakit.display import format_numbers
+
+        # losses and norms with 4 significant digits, as every table of the kit shows them
+        return pd.DataFrame([format_numbers({key: stage.get(key) for key in keys}) for stage in self.stages])
 
 
 def train_stages(params: CPTParams, model: Any, tokenizer: Any, packed: PackedCorpus, run: Run,
@@ -260,11 +263,17 @@ def _save_stage(params: CPTParams, model: Any, tokenizer: Any, run: Run, index: 
 
 @contextlib.contextmanager
 def quiet_embedding_save() -> Iterator[None]:
-    """PEFT warns that it saves the resized embedding layers too: expected here, so not shown in the notebook."""
+    """PEFT warns that it saves the resized embedding layers too: expected here, so not shown.
+
+    A notebook filters it for the whole kernel (vinakit.quiet, from start_run); this keeps it quiet where the
+    stages are used without a run of a notebook (the tests, a script), with the same one pattern.
+    """
     import warnings
 
+    from vinakit.quiet import PEFT_EMBEDDING_SAVE
+
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+        warnings.filterwarnings("ignore", message=PEFT_EMBEDDING_SAVE)
         yield
 
 

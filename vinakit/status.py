@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from vinakit.errors import VinakitError
 from vinakit.params import params_class
 from vinakit.record import RESERVED_MARKER, mark_run, read_json
+from vinakit.report import REPORT_FILE
 
 # The figure `vinakit runs` shows per run: the first of these its metrics.json has.
 KEY_METRICS = ("perplexity_after", "format_valid_rate", "merge_max_abs_logit_diff", "eval_loss", "train_loss")
@@ -81,6 +82,7 @@ class RunRow:
     started: str
     duration: str
     metric: str
+    report: str = ""  # "report.html" when the run folder has one: the executed notebook, for any browser
 
 
 def list_runs(output_dir: str | os.PathLike[str] = "outputs") -> list[RunRow]:
@@ -94,7 +96,7 @@ def list_runs(output_dir: str | os.PathLike[str] = "outputs") -> list[RunRow]:
 
 def runs_table(rows: Sequence[RunRow]) -> str:
     """``rows`` as an aligned text table."""
-    header = RunRow("run", "status", "notebook", "started", "duration", "metric")
+    header = RunRow("run", "status", "notebook", "started", "duration", "metric", "report")
     lines = [header, *rows]
     widths = [max(len(getattr(line, name)) for line in lines) for name in RunRow.__dataclass_fields__]
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(vars(line).values(), widths)).rstrip()
@@ -113,7 +115,8 @@ def _row(folder: Path) -> RunRow:
     status = shown_status(manifest, _read_or_empty(folder / RESERVED_MARKER) if not manifest else None)
     end = finished or (_dt.datetime.now().astimezone() if status == "running" else None)
     return RunRow(folder.name, status, notebook, started.strftime("%Y-%m-%d %H:%M:%S") if started else "",
-                  _duration(end - started) if started and end else "", _key_metric(metrics))
+                  _duration(end - started) if started and end else "", _key_metric(metrics),
+                  REPORT_FILE if (folder / REPORT_FILE).is_file() else "")
 
 
 def shown_status(manifest: dict[str, Any], marker: dict[str, Any] | None = None) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vinakit.display import tidy_notebook_table
 from vinakit.packing import TokenCountingCollator
 from vinakit.record import Run, write_json
 from vinakit.runs import TRAINING_INFO_FILE
@@ -179,6 +180,7 @@ def build_trainer(model: Any, tokenizer: Any, train_dataset: Any, eval_dataset: 
     trainer = trainer_cls(model=model, processing_class=tokenizer, train_dataset=train_dataset,
                           eval_dataset=eval_dataset, args=args, data_collator=collator,
                           callbacks=[_as_callback(history), _as_callback(guard), *(callbacks or [])])
+    tidy_notebook_table(trainer)
     trainer.vinakit_history = history
     trainer.vinakit_guard = guard
     trainer.vinakit_collator = collator
