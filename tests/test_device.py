@@ -182,3 +182,18 @@ def test_merge_and_compare_dtypes_follow_the_device_and_its_memory() -> None:
     assert compare_dtype(seven_b, "bfloat16", t4) == torch.float16
     assert compare_dtype(seven_b, "bfloat16", a100) == torch.bfloat16, "28 GiB is over 60% of 40 GiB"
     assert compare_dtype(seven_b, "bfloat16", profile_named("a100-80")) == torch.float32
+
+
+def test_one_gpu_is_pinned_only_for_a_single_process_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vinakit.device import pin_single_gpu
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every rank keeps its own GPU
+    pin_single_gpu()
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+    monkeypatch.delenv("WORLD_SIZE")
+    pin_single_gpu()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the user's own choice wins
+    pin_single_gpu()
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"

@@ -59,6 +59,13 @@ def manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
 
 
+def _manifest_or_empty(run_dir: Path) -> dict:
+    try:
+        return manifest(run_dir)
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return {}
+
+
 def wait_for(condition, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition() and (process is None or process.poll() is None) and time.monotonic() < deadline:
@@ -302,7 +309,8 @@ def terminated(out: Path) -> SimpleNamespace:
     args = sft_args(out, "terminated", "-p", "max_steps", "40", "-p", "save_steps", "1000")
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = out / "terminated"
-    wait_for(lambda: (folder / "params.yaml").exists(), process)
+    # started = the kernel's start_run wrote its pid into the manifest (params.yaml comes a moment before it)
+    wait_for(lambda: "pid" in _manifest_or_empty(folder), process)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
     return SimpleNamespace(result=SimpleNamespace(returncode=process.returncode, stderr=stderr), dir=folder, args=args)

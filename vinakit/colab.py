@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from vinakit.device import pin_single_gpu
 from vinakit.errors import VinakitError
 
 REPOSITORY_URL = "https://github.com/vinakit/vinakit"
@@ -89,9 +90,8 @@ def install_hosted_stack(run: bool = True) -> str:
     if gpus == 0:
         raise VinakitError(NO_GPU_MESSAGE)
     torch_was_loaded = "torch" in sys.modules
-    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ and not torch_was_loaded:
-        os.environ["CUDA_VISIBLE_DEVICES"] = "0"  # Kaggle's 2 x T4: the HF Trainer would wrap 4-bit models in
-        # DataParallel, which fails; several GPUs are used with `vinakit run --nproc` instead.
+    if gpus > 1 and not torch_was_loaded:
+        pin_single_gpu()  # Kaggle's 2 x T4: the HF Trainer would wrap 4-bit models in DataParallel, which fails
     before = _versions()
     if run:
         for command in pip_commands():

@@ -31,10 +31,10 @@ _DTYPE_NAMES = {
 
 __all__ = [
     "DeviceError", "DeviceProfile", "PROFILES", "PROFILE_ENV_VAR", "active_profile", "compare_dtype",
-    "compare_dtype_name", "device_summary", "dtype_name", "free_memory", "input_device", "load_dtype",
-    "load_dtype_name", "merge_dtype", "merge_dtype_name",
-    "model_dtype", "optimizer_name", "peak_memory_gib", "pin_single_gpu", "profile_named", "reset_peak_memory",
-    "trainer_flags", "trainer_precision",
+    "compare_dtype_name", "device_summary", "dtype_name", "free_memory", "input_device", "is_distributed",
+    "load_dtype", "load_dtype_name", "local_device_map", "merge_dtype", "merge_dtype_name", "model_dtype",
+    "optimizer_name", "peak_memory_gib", "pin_single_gpu", "profile_named", "reset_peak_memory", "trainer_flags",
+    "trainer_precision",
 ]
 
 
@@ -298,18 +298,27 @@ def single_gpu_arguments(arguments: Any) -> Any:
     With two GPUs visible (Kaggle's 2 x T4) the HF Trainer wraps the model in ``DataParallel``, which fails with
     4-bit models; several GPUs are used through torchrun/accelerate (one process per GPU) instead.
     """
-    if not _is_distributed() and getattr(arguments, "_n_gpu", 1) > 1:
+    if not is_distributed() and getattr(arguments, "_n_gpu", 1) > 1:
         arguments._n_gpu = 1
     return arguments
 
 
-def _is_distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether this process is one rank of several (torchrun/accelerate set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_device_map() -> dict[str, int] | None:
+    """One whole model per process on its own GPU (``accelerate launch`` sets LOCAL_RANK per process); None on a
+    CPU. ``device_map="auto"`` would split one model over every GPU, which breaks data-parallel training."""
+    if not active_profile().is_gpu:
+        return None
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
 
 
 def pin_single_gpu() -> None:
     """Show one GPU to this process unless it runs under torchrun/accelerate (call before torch starts CUDA)."""
-    if not _is_distributed() and "CUDA_VISIBLE_DEVICES" not in os.environ:
+    if not is_distributed() and "CUDA_VISIBLE_DEVICES" not in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = "0"
 
 

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from vinakit.device import is_distributed, local_device_map
 from vinakit.errors import ParamsError, VinakitError
 from vinakit.tiny import TINY_MODEL_NAME, tiny_model_dir
 
@@ -113,20 +114,6 @@ def pick_dtype(dtype: Any = None, *, full_finetuning: bool = False) -> Any:
     return load_dtype(requested=dtype, full_finetuning=full_finetuning)
 
 
-def _local_device_map() -> dict[str, int] | None:
-    """One whole model per process on its own GPU; ``accelerate launch`` sets LOCAL_RANK per process.
-
-    ``device_map="auto"`` would split one model over every GPU, which breaks data-parallel training.
-    """
-    if not _cuda_available():
-        return None
-    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
-
-
-def _is_distributed() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def _seed_everything(seed: int) -> None:
     from transformers import set_seed
 
@@ -211,8 +198,8 @@ def _load_with_unsloth(source: str, *, max_seq_length: int, load_in_4bit: bool, 
                        dtype: Any) -> tuple[Any, Any]:
     fast_language_model = import_unsloth()
     extra: dict[str, Any] = {}
-    if _is_distributed():
-        extra["device_map"] = _local_device_map()
+    if is_distributed():
+        extra["device_map"] = local_device_map()
     return fast_language_model.from_pretrained(
         model_name=source, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
         full_finetuning=full_finetuning, **extra)
@@ -223,7 +210,7 @@ def _load_with_hf(source: str, *, max_seq_length: int, load_in_4bit: bool, full_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}
-    device_map = _local_device_map()
+    device_map = local_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
     if load_in_4bit:
