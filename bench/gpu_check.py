@@ -8,7 +8,9 @@ One prepared command (``make gpu-check``) that proves the GPU path end to end an
 * CPT with an embedding learning rate and a vocabulary extension;
 * eval_mcq, batched vs one prompt at a time;
 * export with the fidelity check;
-* the SFT notebook with ``VINAKIT_DEVICE_PROFILE=t4`` (float16, memory capped at 15 GiB).
+* the SFT notebook with ``VINAKIT_DEVICE_PROFILE=t4`` (float16, memory capped at 15 GiB);
+* SFT through the distributed launcher on one GPU with DeepSpeed ZeRO-2 (``--nproc 1 --distributed deepspeed2``,
+  backend hf, the generated accelerate/DeepSpeed configs); skipped where DeepSpeed is not installed.
 
 Each row is a real ``vinakit run`` (papermill) into its own run folder; the figures come from the run folders'
 ``metrics.json``: tokens/s, peak GPU memory next to the plan's estimate, MFU (6 x parameters x tokens/s over the
@@ -109,7 +111,7 @@ def long_chat_file(path: Path, target_tokens: int, tokenizer_dir: str) -> Path:
 
 
 def run(notebook: str, out: Path, name: str, yaml_file: Path, overrides: dict[str, Any],
-        env: dict[str, str] | None = None) -> tuple[Path, float]:
+        env: dict[str, str] | None = None, launch: list[str] | None = None) -> tuple[Path, float]:
     """``vinakit run`` into ``out/name`` (in a child process, so each run starts with a clean GPU)."""
     import subprocess
 
@@ -117,6 +119,7 @@ def run(notebook: str, out: Path, name: str, yaml_file: Path, overrides: dict[st
             "-p", "output_dir", str(out), "-p", "run_name", name]
     for key, value in overrides.items():
         args += ["-p", key, json.dumps(value) if not isinstance(value, str) else value]
+    args += launch or []  # e.g. --nproc 1 --distributed deepspeed2 (vinakit.launch)
     start = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True, cwd=REPO, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - start
@@ -233,7 +236,28 @@ def run_all(setup: Setup) -> list[Row]:
     else:
         step(rows, "sft on VINAKIT_DEVICE_PROFILE=t4", lambda: (training_figures(
             run("sft", setup.out, "sft-t4", setup.base_yaml, t4, env={"VINAKIT_DEVICE_PROFILE": "t4"})[0]), None))
+    zero2_step(rows, setup, first_model)
     return rows
+
+
+def zero2_step(rows: list[Row], setup: Setup, model: str) -> None:
+    """SFT through ``vinakit run --nproc 1 --distributed deepspeed2``: the launcher, accelerate and ZeRO-2."""
+    import importlib.util
+
+    label = "ZeRO-2 sft, hf (1 GPU)"
+    if setup.dry_run or importlib.util.find_spec("deepspeed") is None:
+        why = "needs a GPU" if setup.dry_run else "deepspeed is not installed (pip install deepspeed)"
+        rows.append(Row(label, status="skipped", note=why))
+        return
+    overrides = {**sft_overrides(setup, model, "hf", False), "max_steps": max(2, setup.steps // 2)}
+
+    def action():
+        folder, _ = run("sft", setup.out, "sft-zero2", setup.base_yaml, overrides,
+                        launch=["--nproc", "1", "--distributed", "deepspeed2"])
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        return {**training_figures(folder), "mode": manifest.get("distributed", {}).get("mode")}, None
+
+    step(rows, label, action)
 
 
 def cpt_step(setup: Setup, model: str) -> tuple[dict[str, Any], None]:

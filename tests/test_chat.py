@@ -24,14 +24,13 @@ from vinakit.chat import (
     NoTrainedTurnError,
     ResponseTruncatedError,
     end_of_turn_token,
-    masking_preview,
     render_prompt,
     tokenize_conversation,
     tokenize_rows,
     use_chat_template,
-    write_masking_preview,
 )
 from vinakit.errors import DataError, ParamsError, VinakitError
+from vinakit.masking import masking_preview, write_masking_preview
 
 # --------------------------------------------------------------------------------------------------------------
 # Conversations (Vietnamese, both tone-mark placements, whitespace around contents)

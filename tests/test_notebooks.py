@@ -52,6 +52,7 @@ def run_cli(*args: str, cwd: Path = REPO, env_extra: dict | None = None) -> subp
 EXTRA_ARGS = {
     "eval_mcq": lambda sft: ["-p", "adapter", str(sft)],
     "export": lambda sft: ["-p", "adapter", str(sft / "adapter")],
+    "preference": lambda sft: ["-p", "adapter", str(sft)],  # ORPO on top of the SFT run
 }
 
 

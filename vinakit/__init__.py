@@ -9,5 +9,5 @@ __version__ = "0.1.0"
 
 # The layers: one step module per notebook (its cells call only that module and building blocks), the entry
 # points that run notebooks, and below them the building blocks, which never import a step module.
-STEP_MODULES = ("sft", "cpt", "evaluate", "export")
+STEP_MODULES = ("sft", "cpt", "evaluate", "export", "preference")
 ENTRY_POINTS = ("cli", "demo")

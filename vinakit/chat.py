@@ -16,22 +16,18 @@ or imported inside functions.
 from __future__ import annotations
 
 import difflib
-import html as html_lib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from vinakit.errors import DataError, ParamsError, VinakitError
-from vinakit.record import write_text
 
 IGNORE_INDEX = -100
 TRAIN_ON_CHOICES = ("assistant", "last", "all")
 TRUNCATED_REASON = "response truncated away by max_length"
 NO_TRAINED_TURN_REASON = "no assistant turn to train"
 PROGRESS_BAR_MIN_ROWS = 1000
-TRAINED_HTML_STYLE = "background:#c8f7c5"
 
 # Private-use code points with digits between: no real text holds them, and no template filter (trim,
 # upper, lower, escape) changes them.
@@ -616,7 +612,7 @@ def _check_end_of_turn_tokens(facts: _TokenizerFacts, text: str, input_ids: list
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Prompts for generation and masking previews
+# Prompts for generation
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> str:
@@ -647,49 +643,58 @@ def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> str:
     return _render(tokenizer, prompt, add_generation_prompt=True)
 
 
-def masking_preview(tokenizer: Any, example: Mapping[str, Sequence[int]], html: bool = False) -> str:
-    """The decoded sequence with the trained tokens marked.
+# --------------------------------------------------------------------------------------------------------------
+# Preference pairs
 
-    Args:
-        tokenizer: the tokenizer that produced the example.
-        example: a dict with ``input_ids`` and ``labels`` (as from ``tokenize_conversation``).
-        html: False wraps trained spans in ``[[`` ``]]``; True returns HTML with trained spans highlighted, the
-            rest escaped and newlines shown as ``↵``.
+
+def tokenize_preference(tokenizer: Any, prompt: Sequence[Mapping[str, Any]], chosen: str, rejected: str,
+                        max_length: int | None = None, max_prompt_length: int | None = None) -> dict[str, list[int]]:
+    """Tokenise a preference pair exactly as the chat template renders prompt + reply (the SFT rendering).
+
+    Each side is rendered as one conversation, tokenised as one text and cut right after the end-of-turn token
+    that follows the reply, so text a template adds before a final reply (Qwen3's empty think block) belongs to
+    the prompt and trimmed or merged system prompts stay exact. A token straddling the prompt/reply boundary goes
+    to the completions, so ``prompt_input_ids`` is one list shared by both sides and ``prompt_input_ids +
+    chosen_input_ids`` is the one-text tokenisation. ``max_length`` (prompt + longer completion) and
+    ``max_prompt_length`` cut the prompt from the left; completions are kept whole.
+
+    Raises:
+        ResponseTruncatedError: no prompt token fits beside the longer completion (drop the pair and count it).
+        ChatTemplateError: the template cannot render the pair or writes no end-of-turn token after a reply.
+        DataError: the prompt does not end with a user turn, or a message is malformed.
     """
-    pieces = []
-    for trained, token_ids in _runs(example["input_ids"], example["labels"]):
-        piece = tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if html:
-            piece = html_lib.escape(piece).replace("\n", "↵\n")
-            pieces.append(f'<span style="{TRAINED_HTML_STYLE}">{piece}</span>' if trained else piece)
-        else:
-            pieces.append(f"[[{piece}]]" if trained else piece)
-    joined = "".join(pieces)
-    return f'<pre style="white-space:pre-wrap">{joined}</pre>' if html else joined
+    _check_options(max_length, "assistant")
+    facts = _TokenizerFacts.of(tokenizer)
+    messages = _clean_messages(prompt)
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError("a preference prompt must end with a user turn", field="prompt")
+    sides = [_prompt_and_reply_ids(facts, messages, reply) for reply in (chosen, rejected)]
+    shared = _common_prefix(sides[0][0][:sides[0][1]], sides[1][0][:sides[1][1]])
+    prompt_ids = sides[0][0][:shared]
+    completions = [ids[shared:] for ids, _ in sides]
+    longest, room = max(len(ids) for ids in completions), min(len(prompt_ids), max_prompt_length or len(prompt_ids))
+    room = min(room, max_length - longest) if max_length is not None else room
+    if room < 1:
+        raise ResponseTruncatedError(f"max_length={max_length} cannot hold a reply of {longest} tokens and any of "
+                                     "its prompt; drop the pair or raise max_length.")
+    return {"prompt_input_ids": prompt_ids[len(prompt_ids) - room:], "chosen_input_ids": completions[0],
+            "rejected_input_ids": completions[1]}
 
 
-def write_masking_preview(path: str | Path, tokenizer: Any, examples: Sequence[Mapping[str, Sequence[int]]],
-                          n: int = 5) -> Path:
-    """Write the text masking preview of the first ``n`` examples to ``path`` (UTF-8) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blocks = []
-    for number, example in enumerate(list(examples)[:n], start=1):
-        trained = sum(label != IGNORE_INDEX for label in example["labels"])
-        header = (f"=== example {number}: {len(example['input_ids'])} tokens, {trained} trained "
-                  "(trained text inside [[ ]]) ===")
-        blocks.append(f"{header}\n{masking_preview(tokenizer, example)}\n")
-    write_text(Path(path), "\n".join(blocks))
-    return path
+def _prompt_and_reply_ids(facts: _TokenizerFacts, messages: list[dict[str, Any]], reply: str) -> tuple[list[int], int]:
+    """(ids of prompt + reply cut after the reply's end-of-turn token, index of the first token of the reply)."""
+    conversation = _clean_messages([*messages, {"role": "assistant", "content": reply}])  # reserved characters
+    text, (response,) = _locate_responses(facts, conversation, [len(messages)])
+    encoding = facts.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoding["input_ids"]), [tuple(pair) for pair in encoding["offset_mapping"]]
+    if response.eot_end > len(text):  # nothing after the reply: eos is appended, as in SFT
+        ids.append(facts.eos_token_id)
+        offsets.append((len(text), len(text) + 1))
+    _check_end_of_turn_tokens(facts, text, ids, offsets, [response])
+    end = next(i for i, (start, stop) in enumerate(offsets) if stop >= response.eot_end and stop > start) + 1
+    first = next((i for i, (start, stop) in enumerate(offsets) if stop > response.content_start), end - 1)
+    return ids[:end], first
 
 
-def _runs(input_ids: Sequence[int], labels: Sequence[int]) -> list[tuple[bool, list[int]]]:
-    """Consecutive tokens grouped by whether they are trained."""
-    runs: list[tuple[bool, list[int]]] = []
-    for token, label in zip(input_ids, labels):
-        trained = label != IGNORE_INDEX
-        if runs and runs[-1][0] == trained:
-            runs[-1][1].append(token)
-        else:
-            runs.append((trained, [token]))
-    return runs
+def _common_prefix(first: Sequence[int], second: Sequence[int]) -> int:
+    return next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))

@@ -238,6 +238,30 @@ def _add_params_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar=("NAME", "VALUE"), help="set one parameter (repeatable; wins over -f)")
 
 
+def _add_distributed_arguments(run: argparse.ArgumentParser) -> None:
+    """Several GPUs or machines (vinakit.launch): one rank per GPU, through torchrun or accelerate."""
+    group = run.add_argument_group("several GPUs and machines (see README: Several GPUs and machines)")
+    group.add_argument("--nproc", type=int, default=0, metavar="N", help="ranks (GPUs) on this node")
+    group.add_argument("--nnodes", type=int, default=1, metavar="M", help="machines (default 1)")
+    group.add_argument("--node-rank", type=int, default=0, metavar="R", help="this machine's index, 0 .. M-1")
+    group.add_argument("--master-addr", default="127.0.0.1", metavar="HOST", help="node 0's address")
+    group.add_argument("--master-port", type=int, default=0, metavar="P", help="a free port on node 0")
+    group.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp", "deepspeed2", "deepspeed3"),
+                       help="ddp (default): the model fits on one GPU; fsdp/deepspeed3: it does not")
+
+
+def _run(args: argparse.Namespace) -> Path:
+    overrides = [tuple(o) for o in args.overrides]
+    if not args.nproc:
+        return run_notebook(args.notebook, args.yaml_files, overrides, kernel_name=args.kernel,
+                            progress_bar=not args.no_progress)
+    from vinakit.launch import Topology, run_distributed
+
+    topology = Topology(nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                        master_addr=args.master_addr, master_port=args.master_port, mode=args.distributed)
+    return run_distributed(args.notebook, args.yaml_files, overrides, topology, kernel_name=args.kernel)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vinakit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +269,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_params_arguments(run)
     run.add_argument("-k", "--kernel", default="python3", help="Jupyter kernel name (default python3)")
     run.add_argument("--no-progress", action="store_true", help="hide papermill's cell progress bar")
+    _add_distributed_arguments(run)
     check = sub.add_parser("params", help="validate parameters and print the resolved values as YAML")
     _add_params_arguments(check)
     plan = sub.add_parser("plan", help="estimate precision, optimizer and peak memory on a device (exit 3: too big)")
@@ -254,6 +279,9 @@ def _build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", default=None, metavar="PROFILE",
                       help="device profile to plan for (t4, l4, rtx4090, a100, a100-80, h100, cpu); default "
                            "$VINAKIT_DEVICE_PROFILE, else this machine")
+    plan.add_argument("--nproc", type=int, default=1, metavar="N", help="memory of one of N ranks (per GPU)")
+    plan.add_argument("--distributed", default="ddp", choices=("ddp", "fsdp", "deepspeed2", "deepspeed3"),
+                      help="how the N ranks share the model (default ddp: a whole copy per GPU)")
     return parser
 
 
@@ -274,6 +302,10 @@ def _print_plan(args: argparse.Namespace) -> int:
 
     params = _resolved_params(args)  # invalid parameters fail before any device or model is looked at
     plan = estimate(params, plan_profile(args.device))
+    if args.nproc > 1:
+        from vinakit.plan import per_rank
+
+        plan = per_rank(plan, args.nproc, args.distributed)
     print(plan.to_table())
     return 0 if plan.fits else PLAN_DOES_NOT_FIT
 
@@ -295,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
             return _print_plan(args)
         if args.command == "runs":
             return _print_runs(args)
-        run_dir = run_notebook(args.notebook, args.yaml_files, [tuple(o) for o in args.overrides],
-                               kernel_name=args.kernel, progress_bar=not args.no_progress)
+        run_dir = _run(args)
     except VinakitError as exc:
         print(f"vinakit: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt as stop:  # one line, never a traceback
-        message = str(stop) if isinstance(stop, RunInterrupted) else "interrupted before the run started"
+        # by attribute: under `python -m vinakit.cli` the launcher's RunInterrupted is vinakit.cli's, not __main__'s
+        message = str(stop) if hasattr(stop, "signal_name") else "interrupted before the run started"
         print(f"vinakit: {message}", file=sys.stderr)
         return EXIT_INTERRUPTED
     print(f"vinakit: done. Results: {run_dir}")

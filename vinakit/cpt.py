@@ -125,6 +125,7 @@ def load_model(params: CPTParams, run: Run) -> tuple[Any, Any]:
     from vinakit.plan import check_before_loading
 
     check_before_loading(params, run)  # records the estimate (embeddings trained in full), warns if too big
+    model_lib.set_trust_remote_code(params.trust_remote_code)
     model, tokenizer = model_lib.load_model(
         params.model_name, backend=params.backend, max_seq_length=params.max_seq_length,
         load_in_4bit=params.load_in_4bit, full_finetuning=params.full_finetuning, seed=params.seed)
@@ -349,13 +350,15 @@ def prepare_for_training(params: CPTParams, model: Any, run: Run) -> Any:
     from vinakit import model as model_lib
 
     tied = embeddings_tied(model)
-    model = model_lib.prepare_for_training(model, params, modules_to_save=EMBEDDING_MODULES)
+    # embed_tokens and lm_head in most families; MPT calls its input embeddings wte
+    model = model_lib.prepare_for_training(model, params, modules_to_save=model_lib.embedding_module_names(model))
     if tied:
         tie_trained_embeddings(model)
     if params.resume_from:
         load_stage_weights(model, completed_stages(params)[-1:], params)
     model.config.use_cache = False  # packed blocks need no cache (see PackedCollator)
-    run.update_manifest(trainable_parameters=model_lib.trainable_parameter_summary(model), tied_embeddings=tied)
+    run.update_manifest(trainable_parameters=model_lib.trainable_parameter_summary(model), tied_embeddings=tied,
+                        backend=params.backend, adapter_modules=model_lib.adapter_modules(model))
     return model
 
 

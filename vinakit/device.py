@@ -21,6 +21,8 @@ from typing import Any
 from vinakit.errors import ParamsError, VinakitError
 
 PROFILE_ENV_VAR = "VINAKIT_DEVICE_PROFILE"
+DISTRIBUTED_MODE_ENV = "VINAKIT_DISTRIBUTED"  # set by vinakit.launch: ddp, fsdp, deepspeed2 or deepspeed3
+SHARDED_MODES = ("fsdp", "deepspeed3")  # modes whose ranks hold a shard of the weights, not a whole copy
 NATIVE_BF16_CAPABILITY = (8, 0)
 
 _DTYPE_NAMES = {
@@ -34,7 +36,7 @@ __all__ = [
     "compare_dtype_name", "device_summary", "dtype_name", "free_memory", "input_device", "is_distributed",
     "load_dtype", "load_dtype_name", "local_device_map", "merge_dtype", "merge_dtype_name", "model_dtype",
     "optimizer_name", "peak_memory_gib", "pin_single_gpu", "profile_named", "reset_peak_memory", "trainer_flags",
-    "trainer_precision",
+    "trainer_precision", "distributed_summary", "process_rank", "world_size",
 ]
 
 
@@ -313,7 +315,46 @@ def local_device_map() -> dict[str, int] | None:
     CPU. ``device_map="auto"`` would split one model over every GPU, which breaks data-parallel training."""
     if not active_profile().is_gpu:
         return None
+    if os.environ.get(DISTRIBUTED_MODE_ENV) in SHARDED_MODES:
+        return None  # FSDP and ZeRO-3 place the shards; a whole copy per GPU first would defeat them (and ZeRO-3
+        # refuses a device_map)
     return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+def world_size() -> int:
+    """Processes training together (1 outside torchrun/accelerate)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def process_rank() -> int:
+    """This process's global rank (0 outside torchrun/accelerate)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def distributed_summary(arguments: Any) -> dict[str, Any]:
+    """The manifest's ``distributed`` entry: world size, mode, every rank's device and the effective batch.
+
+    Every rank must call it (the devices are gathered from all ranks); on one process nothing is gathered.
+
+    Args:
+        arguments: the trainer's arguments (per-device batch and gradient accumulation).
+    """
+    ranks = world_size()
+    mine = {"rank": process_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+            "host": os.uname().nodename, "device": str(getattr(arguments, "device", "cpu"))}
+    devices = [mine]
+    if ranks > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            devices = [None] * dist.get_world_size()
+            dist.all_gather_object(devices, mine)
+    per_device = int(arguments.per_device_train_batch_size)
+    accumulation = int(arguments.gradient_accumulation_steps)
+    mode = os.environ.get(DISTRIBUTED_MODE_ENV) or ("ddp" if ranks > 1 else "none")  # one rank of ZeRO-2 is one
+    return {"world_size": ranks, "mode": mode,
+            "rank_devices": devices, "per_device_batch": per_device, "gradient_accumulation_steps": accumulation,
+            "effective_global_batch": per_device * accumulation * ranks}
 
 
 def pin_single_gpu() -> None:

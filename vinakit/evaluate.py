@@ -108,7 +108,7 @@ def find_trained_model(params: EvalMCQParams) -> TrainedModel:
     refuse_cpt_run(trained, params.adapter)  # before any model loads: a CPT model is evaluated as model_name
     _check_same_base(params.model_name, trained.model_name, trained.weights_dir)
     return TrainedModel(weights_dir=trained.weights_dir, run_dir=trained.run_dir, base_model=trained.model_name,
-                        chat_template=trained.chat_template, sft_params=dict(trained.params))
+                        chat_template=trained.chat_template, sft_params=dict(trained.sft_params))
 
 
 def _check_same_base(model_name: str, base: str, weights_dir: Path) -> None:
@@ -434,8 +434,9 @@ def _labels(params: EvalMCQParams, trained: TrainedModel) -> list[str]:
 def _load(label: str, params: EvalMCQParams, trained: TrainedModel) -> tuple[Any, Any]:
     """Load a model for inference with the training chat template (the base model borrows the adapter's)."""
     from vinakit.chat import use_chat_template
-    from vinakit.model import load_for_inference
+    from vinakit.model import load_for_inference, set_trust_remote_code
 
+    set_trust_remote_code(params.trust_remote_code)
     source = str(trained.weights_dir) if label == "fine-tuned" else params.model_name
     try:
         model, tokenizer = load_for_inference(source, backend=params.backend, max_seq_length=params.max_seq_length,

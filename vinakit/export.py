@@ -137,6 +137,9 @@ def load_source(params: Any, run: Run) -> ExportSource:
         params: ``ExportParams``.
         run: the export run.
     """
+    from vinakit.model import set_trust_remote_code
+
+    set_trust_remote_code(params.trust_remote_code)  # the merge and the fidelity check load the base again
     if params.backend == "unsloth" and active_profile().is_gpu:
         from vinakit.model import import_unsloth
 
@@ -336,9 +339,11 @@ def _unsloth_merges(kept: KeptAdapter, params: Any) -> bool:
     """Unsloth merges on a GPU when the adapter's recorded base is a Hub model: it finds that model's 16-bit
     original by name and reads it shard by shard. A local base folder may be the 4-bit copy itself, so a local
     base is merged with PEFT onto :func:`vinakit.runs.base_model_16bit`."""
+    from vinakit.families import unsloth_refusal
+
     recorded = kept.source.trained.adapter_base
     return (params.backend == "unsloth" and active_profile().is_gpu and kept.kind == "lora"
-            and bool(recorded) and not Path(recorded).expanduser().is_dir())
+            and bool(recorded) and not Path(recorded).expanduser().is_dir() and unsloth_refusal(recorded) is None)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -270,3 +270,18 @@ def _sum_tail(logprobs: Any, candidate: list[int]) -> float:
     n = len(candidate)
     keep = logprobs.shape[0]
     return float(sum(logprobs[keep - n - 1 + j, token] for j, token in enumerate(candidate)))
+
+
+def sample_answers(model: Any, tokenizer: Any, prompts: Sequence[str], *, backend: str, max_new_tokens: int,
+                   path: Any) -> Any:
+    """Answer ``prompts`` greedily with the chat template (the model switched to inference first); a DataFrame
+    (prompt, reply), also saved at ``path`` as CSV with a BOM, so that Excel shows the Vietnamese text."""
+    import pandas as pd
+
+    from vinakit.model import prepare_for_inference
+
+    model = prepare_for_inference(model, backend=backend)
+    replies = generate_chat(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens)
+    table = pd.DataFrame({"prompt": list(prompts), "reply": replies})
+    table.to_csv(path, index=False, encoding="utf-8-sig")
+    return table

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Literal
 
 from vinakit.device import is_distributed, local_device_map
 from vinakit.errors import ParamsError, VinakitError
+from vinakit.families import FAMILY_PREFIX, is_tiny_name, tiny_family_dir, tiny_model_names, unsloth_refusal
 from vinakit.tiny import TINY_MODEL_NAME, tiny_model_dir
 
 Backend = Literal["unsloth", "hf"]
@@ -31,7 +32,8 @@ ALL_LINEAR = "all-linear"
 
 __all__ = [
     "ALL_LINEAR", "BACKENDS", "Backend", "adapter_base_model", "add_lora", "back_to_training", "display_name",
-    "import_unsloth", "load_for_inference", "load_model", "lora_target_modules", "pick_dtype",
+    "adapter_modules", "embedding_module_names", "import_unsloth", "set_trust_remote_code", "usable_backend",
+    "load_for_inference", "load_model", "lora_target_modules", "pick_dtype",
     "prepare_for_inference", "prepare_for_training", "resolve_model_name", "tiny_model_dir",
     "trainable_parameter_summary",
 ]
@@ -55,8 +57,9 @@ def resolve_model_name(model_name: str) -> str:
     Raises:
         VinakitError: the name is written as a path (``./x``, ``/x``, ``~/x``) but no such folder exists.
     """
-    if model_name == TINY_MODEL_NAME:
-        return str(tiny_model_dir())
+    if is_tiny_name(model_name) or (model_name.startswith(FAMILY_PREFIX) and "/" not in model_name
+                                    and not Path(model_name).is_dir()):
+        return str(tiny_family_dir(model_name))  # an unknown tiny-<name> is an error listing the known ones
     path = Path(model_name).expanduser()
     if path.is_dir():
         from vinakit.runs import model_folder  # the one rule for what a run folder stands for
@@ -64,7 +67,8 @@ def resolve_model_name(model_name: str) -> str:
         return str(model_folder(path))
     if _looks_like_path(model_name):
         raise VinakitError(f"Model folder {model_name!r} does not exist. Give an existing folder, "
-                           f"'{TINY_MODEL_NAME}', or a Hugging Face Hub id like 'unsloth/Qwen2.5-0.5B-Instruct'.")
+                           f"one of {', '.join(tiny_model_names())}, or a Hugging Face Hub id like "
+                           f"'unsloth/Qwen2.5-0.5B-Instruct'.")
     return model_name
 
 
@@ -72,8 +76,11 @@ def display_name(model_name: str) -> str:
     """A short name for titles and tables: ``Llama-3.2-1B-Instruct`` for ``unsloth/Llama-3.2-1B-Instruct``,
     ``cpt-20261129-1655/model`` for ``/abs/outputs/cpt-20261129-1655/model``, ``tiny-vi`` for its cache folder."""
     path = Path(str(model_name).rstrip("/\\"))
-    if path.name.startswith(f"{TINY_MODEL_NAME}-") or model_name == TINY_MODEL_NAME:
-        return TINY_MODEL_NAME
+    if is_tiny_name(model_name):
+        return model_name
+    for name in tiny_model_names():
+        if path.name.startswith(f"{name}-r"):  # a cached build: tiny-vi-r<recipe>-c<corpus>
+            return name
     if path.name in ("model", "adapter", "merged_16bit") and path.parent.name:
         return f"{path.parent.name}/{path.name}"  # a run folder's output: the run names it
     return path.name or str(model_name)
@@ -134,6 +141,7 @@ def load_model(
     full_finetuning: bool = False,
     dtype: Any = None,
     seed: int = 0,
+    trust_remote_code: bool | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal language model and its tokenizer for training.
 
@@ -146,6 +154,9 @@ def load_model(
         full_finetuning: train every weight instead of a LoRA adapter (needs 16/32-bit weights).
         dtype: weight dtype; ``None`` chooses per device (see :func:`pick_dtype`).
         seed: seeds Python, NumPy and torch before loading.
+        trust_remote_code: run the modeling code a model folder brings (``auto_map``: PhoGPT does); None takes
+            the notebook's choice (:func:`set_trust_remote_code`, False unless set). Such models load on the hf
+            backend.
 
     Returns:
         ``(model, tokenizer)``; with ``load_in_4bit`` on the hf backend the model is already prepared with
@@ -153,27 +164,73 @@ def load_model(
 
     Raises:
         ParamsError: unknown backend or dtype, or 4-bit together with full fine-tuning.
-        VinakitError: the model could not be found or loaded (wraps the backend's error).
+        VinakitError: the model could not be found or loaded (wraps the backend's error), or it brings its own
+            modeling code and ``trust_remote_code`` is off (the message names the parameter).
     """
     _check_backend(backend)
     if full_finetuning and load_in_4bit:
         raise ParamsError("full_finetuning cannot train 4-bit weights: set load_in_4bit to False.")
+    allowed = _TRUST_REMOTE_CODE[0] if trust_remote_code is None else trust_remote_code
+    backend = usable_backend(model_name, backend)  # decided before Unsloth patches anything: never half-patched
     if backend == "unsloth":
         import_unsloth()  # before anything below imports transformers
     source = resolve_model_name(model_name)
+    _check_remote_code(model_name, allowed)
     torch_dtype = pick_dtype(dtype, full_finetuning=full_finetuning)
     _seed_everything(seed)
     loader = _load_with_unsloth if backend == "unsloth" else _load_with_hf
+    extra = {"trust_remote_code": True} if allowed else {}
     try:
         return loader(source, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit,
-                      full_finetuning=full_finetuning, dtype=torch_dtype)
+                      full_finetuning=full_finetuning, dtype=torch_dtype, **extra)
     except (OSError, ValueError, RuntimeError) as error:
         if isinstance(error, VinakitError):
             raise
         raise VinakitError(_load_failure_message(model_name, source, backend, error)) from error
 
 
+# The notebook's trust_remote_code, for loads deep inside a step (export's merge loads the base model again).
+_TRUST_REMOTE_CODE = [False]
+
+
+def set_trust_remote_code(allowed: bool) -> None:
+    """Allow (or forbid) custom modeling code for every later :func:`load_model` in this process.
+
+    Each notebook step that loads a model calls it with the notebook's ``trust_remote_code`` parameter, so loads
+    made by building blocks (merging, fidelity) follow the same choice without threading it through each call.
+    """
+    _TRUST_REMOTE_CODE[0] = bool(allowed)
+
+
+def usable_backend(model_name: str, backend: str) -> str:
+    """``backend``, or ``"hf"`` with one line saying why when Unsloth does not patch this model's architecture.
+
+    Decided from the model's ``config.json`` before Unsloth is imported, so a run is never half patched.
+    """
+    if backend != "unsloth":
+        return backend
+    reason = unsloth_refusal(model_name)
+    if reason is None:
+        return backend
+    print(f"vinakit: using backend 'hf' instead of 'unsloth' for {display_name(model_name)}: {reason}.", flush=True)
+    return "hf"
+
+
+def _check_remote_code(model_name: str, allowed: bool) -> None:
+    from vinakit.families import custom_code_files
+
+    files = custom_code_files(model_name)
+    if files and not allowed:
+        raise VinakitError(
+            f"Model {model_name!r} brings its own modeling code ({', '.join(files)}), which runs only with "
+            f"trust_remote_code: true. Read that code first; then set the parameter trust_remote_code to true "
+            f"(-p trust_remote_code true) to load it on the hf backend.")
+
+
 def _load_failure_message(model_name: str, source: str, backend: str, error: BaseException) -> str:
+    if "trust_remote_code" in str(error):
+        return (f"Model {model_name!r} needs its own modeling code: set the parameter trust_remote_code to true "
+                f"(-p trust_remote_code true) once you have read that code. ({error})")
     if Path(source).is_dir():
         return f"Could not load the model in folder {source} with backend {backend!r}: {error}"
     if not isinstance(error, OSError):  # found, but failed later (memory, unsupported architecture ...)
@@ -195,9 +252,9 @@ def import_unsloth() -> Any:
 
 
 def _load_with_unsloth(source: str, *, max_seq_length: int, load_in_4bit: bool, full_finetuning: bool,
-                       dtype: Any) -> tuple[Any, Any]:
+                       dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any]:
     fast_language_model = import_unsloth()
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"trust_remote_code": True} if trust_remote_code else {}
     if is_distributed():
         extra["device_map"] = local_device_map()
     return fast_language_model.from_pretrained(
@@ -206,17 +263,19 @@ def _load_with_unsloth(source: str, *, max_seq_length: int, load_in_4bit: bool, 
 
 
 def _load_with_hf(source: str, *, max_seq_length: int, load_in_4bit: bool, full_finetuning: bool,
-                  dtype: Any) -> tuple[Any, Any]:
+                  dtype: Any, trust_remote_code: bool = False) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if trust_remote_code:
+        kwargs["trust_remote_code"] = True
     device_map = local_device_map()
     if device_map is not None:
         kwargs["device_map"] = device_map
     if load_in_4bit:
         kwargs["quantization_config"] = _nf4_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     tokenizer.model_max_length = max_seq_length
     if load_in_4bit:
         from peft import prepare_model_for_kbit_training
@@ -271,6 +330,33 @@ def lora_target_modules(model: Any, target_modules: str | Iterable[str] = ALL_LI
     if not expanded:
         raise ParamsError(f"target_modules is empty: use '{ALL_LINEAR}' or some of {sorted(linear)}.")
     return sorted(expanded)
+
+
+def embedding_module_names(model: Any) -> list[str]:
+    """The names of the input embeddings and the output head, as ``modules_to_save`` takes them.
+
+    ``["embed_tokens", "lm_head"]`` for Llama, Qwen, Gemma, Mistral and Phi-3; ``["wte", "lm_head"]`` for MPT.
+    """
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    found = [names.get(id(model.get_input_embeddings()))]
+    output = model.get_output_embeddings()
+    if output is not None:
+        found.append(names.get(id(output)))
+    return [name for name in found if name]
+
+
+def adapter_modules(model: Any) -> dict[str, list[str]]:
+    """The module names the adapter resolved to (``all-linear`` expanded per family), for the run manifest.
+
+    Returns:
+        ``{"target_modules": [...], "modules_to_save": [...]}``; empty lists for a model without an adapter.
+    """
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return {"target_modules": [], "modules_to_save": []}
+    targets = config.target_modules
+    return {"target_modules": sorted(targets) if not isinstance(targets, str) else [targets],
+            "modules_to_save": sorted(config.modules_to_save or [])}
 
 
 def _split_names(names: str | Iterable[str] | None) -> list[str]:
@@ -332,7 +418,7 @@ def add_lora(
         raise ParamsError(f"LoRA rank must be >= 1, got {rank}.")
     if not 0.0 <= lora_dropout < 1.0:
         raise ParamsError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
-    targets = lora_target_modules(model, target_modules)
+    targets = _without_tied_head(model, lora_target_modules(model, target_modules))
     saved = _split_names(modules_to_save) or None
     if backend == "unsloth":
         fast_language_model = import_unsloth()
@@ -347,6 +433,21 @@ def add_lora(
                         use_rslora=use_rslora, use_dora=use_dora, modules_to_save=saved, bias="none",
                         task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def _without_tied_head(model: Any, targets: list[str]) -> list[str]:
+    """``targets`` without the output head when it shares its weight with the input embeddings (Gemma, Qwen-small,
+    SmolLM, MPT): merging a LoRA into that one weight would change the inputs too, and the merged model would no
+    longer be the trained one (PEFT 0.21 merges it so). Train tied embeddings in full instead (CPT does)."""
+    output = model.get_output_embeddings()
+    if output is None or output.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+        return targets
+    head = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is output}
+    if not head & set(targets):
+        return targets
+    print(f"vinakit: no LoRA on {', '.join(sorted(head))}: it is tied to the input embeddings, and a merged LoRA "
+          f"would change both; the other {len(set(targets) - head)} target modules keep theirs.", flush=True)
+    return [name for name in targets if name not in head]
 
 
 def prepare_for_training(model: Any, params: Any, *, modules_to_save: str | Iterable[str] | None = None) -> Any:
@@ -406,6 +507,7 @@ def load_for_inference(
         ``(model, tokenizer)`` with the model in eval mode.
     """
     name = str(model_name_or_adapter_dir)
+    backend = usable_backend(name, backend)  # an adapter folder: its base model decides
     adapter_dir = _adapter_folder(name)
     if adapter_dir is None:
         model, tokenizer = load_model(name, backend=backend, max_seq_length=max_seq_length,
@@ -443,9 +545,9 @@ def _load_adapter(adapter_dir: Path, *, backend: Backend, max_seq_length: int, l
     if backend == "unsloth":
         import_unsloth()
     base = adapter_base_model(adapter_dir)
-    if not Path(base).is_dir() and Path(base).name.startswith(f"{TINY_MODEL_NAME}-"):
-        raise VinakitError(f"The adapter in {adapter_dir} was trained on a tiny-vi build at {base}, which is no "
-                           f"longer there (the cache was cleared or the sample data changed). Retrain it.")
+    if not Path(base).is_dir() and Path(base).name.startswith(FAMILY_PREFIX) and display_name(base) != base:
+        raise VinakitError(f"The adapter in {adapter_dir} was trained on a {display_name(base)} build at {base}, "
+                           f"which is no longer there (the cache was cleared or the sample data changed). Retrain it.")
     model, tokenizer = load_model(base, backend=backend, max_seq_length=max_seq_length,
                                   load_in_4bit=load_in_4bit, dtype=dtype, seed=seed)
     from peft import PeftModel

@@ -23,6 +23,8 @@ class ModelSizes:
         head_dim, tie_word_embeddings: as in the model's ``config.json``.
         prequantized_4bit: a bitsandbytes 4-bit checkpoint (it always loads in 4-bit).
         source: where the sizes come from.
+        layout: ``"llama"`` (q/k/v/o and a gated MLP; Qwen, Mistral, Gemma, SmolLM too), ``"phi3"`` (fused
+            ``qkv_proj`` and ``gate_up_proj``) or ``"mpt"`` (fused ``Wqkv``, ``out_proj``, an ungated MLP).
     """
 
     hidden_size: int
@@ -35,11 +37,16 @@ class ModelSizes:
     tie_word_embeddings: bool
     prequantized_4bit: bool = False
     source: str = ""
+    layout: str = "llama"
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """``(in, out)`` features of each linear projection of one layer."""
+        """``(in, out)`` features of each linear projection of one layer, under the family's module names."""
         h, i = self.hidden_size, self.intermediate_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        if self.layout == "mpt":
+            return {"Wqkv": (h, q + 2 * kv), "out_proj": (q, h), "up_proj": (h, i), "down_proj": (i, h)}
+        if self.layout == "phi3":
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
@@ -90,6 +97,12 @@ _TABLE: dict[str, tuple[int, int, int, int, int, int, int, bool]] = {
     "mistralai/Mistral-7B-v0.3": (4096, 32, 14336, 32768, 32, 8, 128, False),
     "Viet-Mistral/Vistral-7B-Chat": (4096, 32, 14336, 38369, 32, 8, 128, False),
 }
+# MPT-layout bases (PhoGPT): d_model, layers, heads, vocab; the MLP is 4 x d_model, embeddings tied, ALiBi. From
+# the PhoGPT paper (Nguyen et al., 2023): 7.5B = 32 layers x 12 x 4096^2 + 250,368 x 4096; 3.7B likewise.
+_MPT_TABLE: dict[str, tuple[int, int, int, int]] = {
+    "vinai/PhoGPT-7B5": (4096, 32, 32, 250368),
+    "vinai/PhoGPT-4B": (3072, 32, 24, 20480),
+}
 # Words of a name that do not change the sizes: chat/base variants and Unsloth's pre-quantised uploads.
 _VARIANT_WORDS = frozenset({"instruct", "it", "pt", "base", "chat", "unsloth", "bnb", "4bit"})
 _SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
@@ -97,7 +110,7 @@ _SIZE_KEYS = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_si
 
 def known_models() -> list[str]:
     """The hub ids whose sizes are shipped with vinakit (chat variants and ``unsloth/`` copies match too)."""
-    return list(_TABLE)
+    return [*_TABLE, *_MPT_TABLE]
 
 
 def _name_key(name: str) -> tuple[str, str]:
@@ -117,6 +130,12 @@ def _table_entry(name: str) -> ModelSizes | None:
         if key == table_key and owner in ("", "unsloth", table_owner):
             return ModelSizes(*values, prequantized_4bit="bnb-4bit" in name.lower(),
                               source=f"vinakit's table ({hub_id})")
+    for hub_id, (hidden, layers, heads, vocab) in _MPT_TABLE.items():
+        table_owner, table_key = _name_key(hub_id)
+        if key == table_key and owner in ("", table_owner):
+            return ModelSizes(hidden, layers, 4 * hidden, vocab, heads, heads, hidden // heads, True,
+                              prequantized_4bit="bnb-4bit" in name.lower(), source=f"vinakit's table ({hub_id})",
+                              layout="mpt")
     return None
 
 
@@ -176,6 +195,8 @@ def _cached_config(model_name: str) -> dict[str, Any] | None:
 
 def _sizes_from_config(config: Mapping[str, Any], source: str, model_name: str) -> ModelSizes:
     """Sizes from a ``config.json``; values it leaves to transformers' defaults come from the table."""
+    if config.get("model_type") == "mpt" or "d_model" in config:
+        return _mpt_sizes(config, source, model_name)
     text = config.get("text_config") or config  # multimodal checkpoints (Gemma 3): the language model
     fallback = _table_entry(model_name)
     values = {key: text.get(key, getattr(fallback, key, None)) for key in _SIZE_KEYS}
@@ -188,7 +209,23 @@ def _sizes_from_config(config: Mapping[str, Any], source: str, model_name: str) 
     head_dim = text.get("head_dim") or getattr(fallback, "head_dim", None) or values["hidden_size"] // heads
     return ModelSizes(**values, num_key_value_heads=kv_heads, head_dim=head_dim,
                       tie_word_embeddings=_tied(config, text, fallback),
-                      prequantized_4bit=_prequantized(config) or "bnb-4bit" in model_name.lower(), source=source)
+                      prequantized_4bit=_prequantized(config) or "bnb-4bit" in model_name.lower(), source=source,
+                      layout="phi3" if text.get("model_type") == "phi3" else "llama")
+
+
+def _mpt_sizes(config: Mapping[str, Any], source: str, model_name: str) -> ModelSizes:
+    """MPT's own names (``d_model``, ``n_layers``, ``n_heads``, ``expansion_ratio``); PhoGPT's custom code too."""
+    try:
+        hidden, layers, heads = int(config["d_model"]), int(config["n_layers"]), int(config["n_heads"])
+        vocab = int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise VinakitError(f"The MPT config in {source} lacks {error}: pass a folder whose config.json has "
+                           f"d_model, n_layers, n_heads and vocab_size.") from error
+    ratio = int(config.get("expansion_ratio", 4))
+    return ModelSizes(hidden, layers, ratio * hidden, vocab, heads, heads, hidden // heads,
+                      bool(config.get("tie_word_embeddings", True)),
+                      prequantized_4bit=_prequantized(config) or "bnb-4bit" in model_name.lower(), source=source,
+                      layout="mpt")
 
 
 def _tied(config: Mapping[str, Any], text: Mapping[str, Any], fallback: ModelSizes | None) -> bool:

@@ -168,6 +168,8 @@ class PackedCollator(TokenCountingCollator):
         }
         if self.isolate:
             batch["position_ids"] = torch.tensor([e["position_ids"] for e in examples], dtype=torch.long)
+        else:  # blocks are full (no padding), so an all-ones mask changes nothing; TRL counts tokens with it (MPT)
+            batch["attention_mask"] = torch.ones_like(batch["input_ids"])
         self.count(batch["labels"] != IGNORE_INDEX)
         return batch
 

@@ -281,11 +281,29 @@ class ModelParams(RunParams):
     load_in_4bit: bool = True
     max_seq_length: int = 2048
     chat_template: str = ""
+    trust_remote_code: bool = False
 
     def check(self) -> None:
         super().check()
         if self.max_seq_length < 16:
             raise ParamsError(f"max_seq_length must be at least 16, got {self.max_seq_length}.")
+        _backend_unsloth_patches(self, self.model_name)
+
+
+def _backend_unsloth_patches(params: Any, model_name: str) -> None:
+    """Derive ``backend: hf`` (one line says why) for a model Unsloth does not patch (MPT, custom modeling code).
+
+    Decided here, before any step runs, so that loading, training, generation and the record all use one backend
+    and a run is never half patched; the resolved params.yaml and the manifest show the backend used.
+    """
+    if params.backend != "unsloth" or not model_name:
+        return
+    from vinakit.families import unsloth_refusal  # light: reads config.json, imports no torch
+
+    reason = unsloth_refusal(model_name)
+    if reason:
+        object.__setattr__(params, "backend", "hf")  # a derived value, like the dataclass's other derivations
+        print(f"vinakit: using backend 'hf' instead of 'unsloth' for {model_name}: {reason}.", flush=True)
 
 
 @dataclass(frozen=True)
@@ -382,6 +400,7 @@ class ExportParams(RunParams):
     adapter: str = ""
     backend: Backend = "unsloth"
     max_seq_length: int = 2048
+    trust_remote_code: bool = False
     save_methods: list[SaveMethod] = field(default_factory=lambda: ["merged_16bit"])
     merged_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     gguf_quantizations: list[str] = field(default_factory=lambda: ["q4_k_m", "q8_0"])
@@ -406,6 +425,7 @@ class ExportParams(RunParams):
         self._check_outputs()
         self._check_merge()
         self._check_fidelity()
+        _backend_unsloth_patches(self, self.adapter)  # the adapter's base decides (empty: the newest run, later)
 
     def _check_outputs(self) -> None:
         if not self.save_methods or len(set(self.save_methods)) != len(self.save_methods):
@@ -605,8 +625,51 @@ def _parse_stage(entry: str) -> tuple[str, int]:
     return name, int(steps)
 
 
+@dataclass(frozen=True)
+class PreferenceParams(LoraParams):
+    """Parameters of ``notebooks/preference.ipynb``: ORPO or DPO on preference pairs, after (or without) SFT.
+
+    ``adapter`` names an SFT run (or its adapter) to continue; DPO needs one (its reference is that adapter,
+    frozen). ``max_seq_length`` bounds prompt + reply, ``max_prompt_length`` (0: no bound of its own) the prompt;
+    prompts are cut from the left, replies never.
+    """
+
+    notebook: ClassVar[str] = "preference"
+
+    method: Literal["orpo", "dpo"] = "orpo"
+    adapter: str = ""
+    dataset: str = "vinakit:preference"
+    val_size: float = 0.05
+    beta: float = 0.1
+    max_prompt_length: int = 0
+    learning_rate: float = 5e-5
+    sample_prompts: list[str] = field(default_factory=lambda: ["Hệ điều hành là gì?"])
+    max_new_tokens: int = 128
+
+    def check(self) -> None:
+        super().check()
+        if self.method == "dpo" and not self.adapter:
+            raise ParamsError("method dpo continues an SFT run: set adapter to its run folder (DPO's reference is "
+                              "that model), or use method orpo, which needs no reference.")
+        if self.beta <= 0:
+            raise ParamsError(f"beta must be > 0, got {self.beta}.")
+        if not 0 <= self.max_prompt_length < self.max_seq_length:
+            raise ParamsError(f"max_prompt_length must be 0 (no limit of its own) or less than max_seq_length, got "
+                              f"{self.max_prompt_length} with max_seq_length {self.max_seq_length}: the reply "
+                              f"needs room too.")
+        if self.val_size < 0 or self.val_size > 0.5 and not float(self.val_size).is_integer():
+            raise ParamsError(f"val_size must be a fraction in [0, 0.5] or a whole number of pairs, got "
+                              f"{self.val_size}.")
+
+    @property
+    def val_split(self) -> float | int:
+        """``val_size`` as a fraction, or a pair count when >= 1."""
+        return int(self.val_size) if self.val_size >= 1 else self.val_size
+
+
 NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
     "sft": SFTParams,
+    "preference": PreferenceParams,
     "cpt": CPTParams,
     "eval_mcq": EvalMCQParams,
     "export": ExportParams,

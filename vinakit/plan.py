@@ -38,7 +38,8 @@ OVERHEAD_GIB = 1.0
 # (unsloth_zoo.fused_losses.cross_entropy_loss: _CE_TARGET_GB_CAP); the floor keeps one chunk in the plan.
 FUSED_LOSS_CAP_GIB = 4.0
 FUSED_LOSS_FLOOR_GIB = 0.125
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                  "qkv_proj", "gate_up_proj", "Wqkv", "out_proj")  # the last four: Phi-3's and MPT's fused names
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 ALL_LINEAR = "all-linear"
 
@@ -301,7 +302,8 @@ def _target_names(spec: str | Iterable[str], *, strict: bool = True) -> set[str]
 
 
 def _plan(params: Any, profile: DeviceProfile, models: _Models) -> MemoryPlan:
-    build = {"sft": _training_parts, "cpt": _training_parts, "eval_mcq": _eval_parts, "export": _export_parts}
+    build = {"sft": _training_parts, "cpt": _training_parts, "preference": _training_parts, "eval_mcq": _eval_parts,
+             "export": _export_parts}
     precision, optimizer, parts, details = build[params.notebook](params, profile, models)
     overhead = "CUDA context, kernels, allocator slack" if profile.is_gpu else "Python, torch and the libraries"
     parts["overhead"], details["overhead"] = OVERHEAD_GIB * GIB, overhead
@@ -507,7 +509,7 @@ def _candidates(params: Any) -> list[tuple[str, list[Any], str]]:
         return []
     full = getattr(params, "full_finetuning", False)
     found: list[tuple[str, list[Any], str]] = []
-    if params.notebook in ("sft", "cpt"):
+    if params.notebook in ("sft", "cpt", "preference"):
         if not full:
             found.append(("rank", _halvings(params.rank, 8), ""))
         found.append(("per_device_train_batch_size", _halvings(params.per_device_train_batch_size, 1),
@@ -539,3 +541,42 @@ def _suggestions(params: Any, profile: DeviceProfile, models: _Models, total_gib
         if best is not None and best.saves_gib > 0:
             found.append(best)
     return sorted(found, key=lambda suggestion: (not suggestion.fits, -suggestion.saves_gib))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One rank of several (vinakit run --nproc N, vinakit plan --nproc N)
+# --------------------------------------------------------------------------------------------------------------
+
+# The share of each part one rank holds: DDP keeps a whole copy per GPU; ZeRO-2 shards gradients and optimizer
+# states; FSDP and ZeRO-3 shard the weights too. Activations and logits belong to the rank's own batch.
+_SHARDED_PARTS = {
+    "ddp": (),
+    "deepspeed2": ("gradients", "optimizer states"),
+    "deepspeed3": ("weights", "gradients", "optimizer states", "LoRA", "trained embeddings"),
+    "fsdp": ("weights", "gradients", "optimizer states", "LoRA", "trained embeddings"),
+}
+
+
+def per_rank(plan: MemoryPlan, nproc: int, mode: str = "ddp") -> MemoryPlan:
+    """The peak memory of one rank when ``nproc`` ranks train together in ``mode`` (per GPU).
+
+    DDP adds its gradient buckets (about one more copy of the trained weights' gradients); sharded parts are
+    divided by ``nproc`` (the LoRA part of ZeRO-2 keeps its weights whole and shards the rest). Estimates, like
+    the single-GPU plan: the per-rank peak adds what a shard gathers for one layer at a time.
+    """
+    if nproc <= 1:
+        return plan
+    sharded = _SHARDED_PARTS[mode]
+    parts, details = dict(plan.parts), dict(plan.details)
+    for name in sharded:
+        if name in parts:
+            parts[name] /= nproc
+            details[name] = f"{details.get(name, '')}; 1/{nproc} per rank ({mode})".lstrip("; ")
+    if mode == "deepspeed2" and "LoRA" in parts:  # float32 weights whole, gradients and states sharded
+        weights = parts["LoRA"] / (8 + _state_bytes(plan.optimizer or "adamw_torch", 4)) * 4
+        parts["LoRA"] = weights + (parts["LoRA"] - weights) / nproc
+    if mode == "ddp":
+        trained = parts.get("gradients", 0.0) or parts.get("LoRA", 0.0) / 4 + parts.get("trained embeddings", 0) / 4
+        parts["DDP buckets"], details["DDP buckets"] = trained, "one more copy of the trained weights' gradients"
+    profile = replace(plan.profile, label=f"{plan.profile.label}, 1 of {nproc} ranks ({mode})")
+    return replace(plan, profile=profile, parts=parts, details=details, suggestions=[])

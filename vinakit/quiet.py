@@ -44,6 +44,9 @@ WARNING_FILTERS: tuple[tuple[str, str], ...] = (
     (r".*IProgress not found.*", "tqdm falls back to text bars, which a headless run uses anyway"),
     (r".*torch\.jit\.script_method. is deprecated.*",
      "raised by a library's import (torchao/unsloth_zoo), not by the kit's code; nothing to act on"),
+    (r".*HF_HUB_ENABLE_HF_TRANSFER. environment variable is deprecated.*",
+     "unsloth_zoo sets HF_HUB_ENABLE_HF_TRANSFER=1 when imported; the Hub client, imported after it (the preference "
+     "notebook reads its pairs without the datasets library), only notes that the variable is obsolete"),
 )
 
 # (logger name, message fragment, why it is harmless) for messages sent through the logging module.

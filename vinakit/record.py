@@ -26,6 +26,12 @@ from vinakit.errors import RunFolderExistsError, VinakitError
 
 # Written by `vinakit run` into a folder it reserves for the notebook it is about to execute.
 RESERVED_MARKER = ".reserved-by-vinakit-run"
+# A distributed run (vinakit.launch): the other ranks' executed notebooks and records, inside the run folder.
+RANKS_DIR = "ranks"
+# Set by vinakit.launch for a rank other than 0: the folder that rank writes its own records into, and the run
+# folder the ranks share (the trainer's checkpoints, which every rank must find at the same path).
+RANK_DIR_ENV = "VINAKIT_RANK_DIR"
+SHARED_RUN_DIR_ENV = "VINAKIT_SHARED_RUN_DIR"
 
 TRACKED_PACKAGES = ("vinakit", "torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "bitsandbytes",
                     "accelerate", "datasets", "tokenizers", "huggingface_hub", "papermill", "pandas")
@@ -90,7 +96,7 @@ def _cannot_create(path: Path, reason: str) -> VinakitError:
 
 def _claim_run_dir(path: Path) -> None:
     """Take a folder reserved by the runner; an existing run is never reused."""
-    leftovers = {p.name for p in path.iterdir()} - {RESERVED_MARKER}
+    leftovers = {p.name for p in path.iterdir()} - {RESERVED_MARKER, RANKS_DIR}
     reserved = (path / RESERVED_MARKER).exists()
     if not reserved or any(not name.endswith(".ipynb") for name in leftovers):
         raise RunFolderExistsError(_exists_message(path))
@@ -177,6 +183,23 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def shared_path(path: str | os.PathLike[str]) -> Path:
+    """The path the ranks of a distributed run share for ``path`` (the same path outside one).
+
+    A rank other than 0 writes its records into its own folder under ``ranks/`` (see :func:`start_run`), but the
+    trainer's checkpoints must be one folder for every rank: each rank saves its RNG state (and, under
+    DeepSpeed/FSDP, its shard) there, and a resume reads them from the run folder.
+    """
+    path = Path(path)
+    rank_dir, shared = os.environ.get(RANK_DIR_ENV), os.environ.get(SHARED_RUN_DIR_ENV)
+    if not rank_dir or not shared:
+        return path
+    try:
+        return Path(shared) / path.resolve().relative_to(Path(rank_dir).resolve())
+    except ValueError:  # not inside this rank's folder
+        return path
 
 
 class Metrics(dict):
@@ -348,7 +371,11 @@ def start_run(params: Any) -> Run:
     check_resume(params)  # before any folder is made: also for notebooks run by hand or by plain papermill
     output_dir = Path(params.output_dir).expanduser()
     reserved = output_dir / params.run_name if params.run_name else None
-    if reserved is not None and reserved.is_dir():
+    rank_dir = os.environ.get(RANK_DIR_ENV)
+    if rank_dir:  # one gate for every record a rank other than 0 writes: its own folder under ranks/
+        path = Path(rank_dir)
+        path.mkdir(parents=True, exist_ok=True)
+    elif reserved is not None and reserved.is_dir():
         _claim_run_dir(reserved)
         path = reserved
     else:

@@ -12,6 +12,9 @@ rule for what ``adapter`` may name and one way to rebuild a run's validation spl
   ``-bnb-4bit`` copy Unsloth swaps in for QLoRA and PEFT then records in ``adapter_config.json``.
 * The validation split is re-created from the run's ``params.yaml`` with the loader, cleaning and seed training
   used (:func:`load_sft_data`, :func:`load_cpt_corpus`).
+* A preference run (ORPO/DPO) is taken like an SFT run; when it continued an SFT run (``continued_from`` in its
+  ``vinakit_training.json``), that SFT run's parameters and validation split stand for it
+  (:attr:`TrainedRun.sft_params`), so eval_mcq holds out the same rows.
 
 Nothing heavy is imported at module level (Unsloth must be imported before transformers).
 """
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar
 
 from vinakit.errors import DataError, VinakitError
-from vinakit.params import CPTParams, NotebookParams, SFTParams, read_yaml
+from vinakit.params import CPTParams, NotebookParams, PreferenceParams, SFTParams, read_yaml
 from vinakit.record import read_json
 
 TRAINING_INFO_FILE = "vinakit_training.json"  # written next to every saved adapter/model (vinakit.train)
@@ -44,7 +47,8 @@ P = TypeVar("P", bound=NotebookParams)
 __all__ = [
     "ADAPTER_DIR", "MODEL_DIR", "TRAINING_INFO_FILE", "TrainedRun", "ValidationRows", "base_model_16bit",
     "find_run", "load_cpt_corpus", "folder_fingerprint", "load_sft_data", "model_folder", "newest_trained_run",
-    "refuse_cpt_run", "run_params", "same_model", "unquantized_name", "validation_rows", "weights_folder",
+    "refuse_cpt_run", "run_params", "same_model", "sft_validation_prompts", "trained_adapter", "unquantized_name",
+    "validation_rows", "weights_folder",
 ]
 
 
@@ -80,12 +84,28 @@ class TrainedRun:
 
     @property
     def notebook(self) -> str:
-        """The notebook that trained it ("sft", "cpt"); "" when there is no run folder."""
+        """The notebook that trained it ("sft", "cpt", "preference"); "" when there is no run folder."""
         if self.manifest.get("notebook"):
             return str(self.manifest["notebook"])
         if not self.params:
             return ""
+        if "method" in self.params:  # a preference-only parameter
+            return "preference"
         return "sft" if "train_on" in self.params else "cpt"  # train_on is an SFT-only parameter
+
+    @property
+    def continued_from(self) -> Path | None:
+        """The SFT run a preference run continued (None otherwise, or when that folder is gone)."""
+        folder = self.training.get("continued_from") or self.manifest.get("continued_from")
+        return Path(folder) if folder and Path(folder).is_dir() else None
+
+    @property
+    def sft_params(self) -> Mapping[str, Any]:
+        """The parameters of the SFT run behind these weights: its own, or for a preference run those of the SFT
+        run it continued (whose validation split eval_mcq holds out); {} when unknown."""
+        if self.notebook != "preference":
+            return self.params
+        return find_run(self.continued_from).params if self.continued_from else {}
 
     @property
     def trained_in_4bit(self) -> bool:
@@ -371,20 +391,68 @@ def load_cpt_corpus(params: CPTParams) -> tuple[list[str], list[str], Any, int]:
     return train, validation, report, len(documents) - len(unique)
 
 
+def trained_adapter(spec: str, output_dir: str, model_name: str, parameter: str = "adapter") -> TrainedRun:
+    """An SFT (or preference) run's adapter to continue training on ``model_name``.
+
+    Raises:
+        VinakitError: no adapter there, a CPT run or a full model, or an adapter of another base model.
+    """
+    trained = find_run(spec, output_dir, parameter=parameter)
+    refuse_cpt_run(trained, spec, parameter)
+    if trained.kind != "lora":
+        raise VinakitError(f"{parameter}: {trained.weights_dir} is a full model, not an adapter: pass it as "
+                           f"model_name and leave {parameter} empty.")
+    if trained.model_name and not same_model(model_name, trained.model_name):
+        raise VinakitError(f"{parameter}: the adapter in {trained.weights_dir} was trained on {trained.model_name!r}, "
+                           f"but model_name is {model_name!r}: set model_name to {trained.model_name!r}.")
+    return trained
+
+
+def sft_validation_prompts(spec: str, output_dir: str) -> frozenset[str]:
+    """The last user turns of the validation rows of the SFT run behind ``spec`` (empty when it has none), so a
+    later stage can leave them out and evaluation stays held out."""
+    trained = find_run(spec, output_dir)
+    if not trained.sft_params.get("dataset") or not trained.sft_params.get("val_size"):
+        return frozenset()
+    sft = run_params(trained.sft_params, SFTParams)
+    if sft.val_dataset:
+        return frozenset()
+    rows = load_sft_data(sft).validation
+    return frozenset(message["content"] for row in rows for message in row["messages"] if message["role"] == "user")
+
+
+def _preference_validation(run: TrainedRun, source: str) -> tuple[list[Any], Any]:
+    """A preference run's held-out chat rows: those of the SFT run it continued, else its own validation pairs
+    (prompt + chosen reply)."""
+    from vinakit.pairs import load_preference_dataset
+
+    if run.continued_from is not None:
+        parent = find_run(run.continued_from)
+        return validation_rows(parent, 10**9).rows, run_params(parent.params, SFTParams)
+    params = run_params(run.params, PreferenceParams, source)
+    data = load_preference_dataset(params.dataset, val_size=params.val_split, skip_bad_rows=params.skip_bad_rows,
+                                   normalize=params.normalize_text, tone_style=params.tone_style, seed=params.seed)
+    rows = [{"messages": [*pair["prompt"], {"role": "assistant", "content": pair["chosen"]}]}
+            for pair in data.validation]
+    return rows, params
+
+
 def validation_rows(run: TrainedRun, count: int) -> ValidationRows:
     """The first ``count`` rows of a training run's validation split, re-created as training made it.
 
     Raises:
         VinakitError: no training run folder, a run without a validation split, or data that cannot be re-read.
     """
-    if not run.params.get("dataset") or run.notebook not in ("sft", "cpt"):
-        raise VinakitError(f"{run.weights_dir} has no SFT or CPT run folder with {PARAMS_FILE} next to it, so its "
-                           f"validation split is unknown: set fidelity_dataset to a held-out chat file.")
+    if not run.params.get("dataset") or run.notebook not in ("sft", "cpt", "preference"):
+        raise VinakitError(f"{run.weights_dir} has no SFT, preference or CPT run folder with {PARAMS_FILE} next to "
+                           f"it, so its validation split is unknown: set fidelity_dataset to a held-out chat file.")
     source = str(run.run_dir / PARAMS_FILE)
     try:
         if run.notebook == "sft":
             params = run_params(run.params, SFTParams, source)
             rows, kind = load_sft_data(params).validation, "chat"
+        elif run.notebook == "preference":
+            (rows, params), kind = _preference_validation(run, source), "chat"
         else:
             params = run_params(run.params, CPTParams, source)
             rows, kind = load_cpt_corpus(params)[1], "text"

@@ -28,19 +28,21 @@ def load_model(params: LoraParams, run: Run, *, modules_to_save: list[str] | Non
     from vinakit.plan import check_before_loading
 
     check_before_loading(params, run, modules_to_save=modules_to_save)  # records the estimate, warns if too big
+    model_lib.set_trust_remote_code(params.trust_remote_code)
     model, tokenizer = model_lib.load_model(
         params.model_name, backend=params.backend, max_seq_length=params.max_seq_length,
         load_in_4bit=params.load_in_4bit, full_finetuning=params.full_finetuning, seed=params.seed)
     tokenizer = use_chat_template(tokenizer, params.chat_template or None)
     model = model_lib.prepare_for_training(model, params, modules_to_save=modules_to_save)
-    run.update_manifest(device=device_summary(),
-                        trainable_parameters=model_lib.trainable_parameter_summary(model))
+    run.update_manifest(device=device_summary(), backend=params.backend,
+                        trainable_parameters=model_lib.trainable_parameter_summary(model),
+                        adapter_modules=model_lib.adapter_modules(model))
     return model, tokenizer
 
 
 def tokenize(params: SFTParams, tokenizer: Any, data: Any, run: Run) -> Any:
     """Tokenise with exact responses-only labels and write the masking preview into the run folder."""
-    from vinakit.chat import write_masking_preview
+    from vinakit.masking import write_masking_preview
     from vinakit.train import tokenize_chat_data
 
     tokenized = tokenize_chat_data(tokenizer, data, params.max_seq_length, params.train_on)
@@ -52,7 +54,7 @@ def tokenize(params: SFTParams, tokenizer: Any, data: Any, run: Run) -> Any:
 
 def masking_preview_html(tokenizer: Any, tokenized: Any, n: int) -> str:
     """HTML of the first ``n`` training examples with the trained tokens highlighted."""
-    from vinakit.chat import masking_preview
+    from vinakit.masking import masking_preview
 
     parts = [masking_preview(tokenizer, tokenized.train[i], html=True) for i in range(min(n, len(tokenized.train)))]
     return "<hr>".join(parts)
@@ -87,13 +89,7 @@ def training_summary(training: dict[str, Any]) -> Any:
 
 def sample_generations(params: SFTParams, model: Any, tokenizer: Any, run: Run) -> Any:
     """Answer the sample prompts with the trained model; a DataFrame, also saved as samples.csv."""
-    import pandas as pd
+    from vinakit.generation import sample_answers
 
-    from vinakit.generation import generate_chat
-    from vinakit.model import prepare_for_inference
-
-    model = prepare_for_inference(model, backend=params.backend)
-    replies = generate_chat(model, tokenizer, params.sample_prompts, max_new_tokens=params.max_new_tokens)
-    table = pd.DataFrame({"prompt": params.sample_prompts, "reply": replies})
-    table.to_csv(run.path / "samples.csv", index=False, encoding="utf-8-sig")
-    return table
+    return sample_answers(model, tokenizer, params.sample_prompts, backend=params.backend,
+                          max_new_tokens=params.max_new_tokens, path=run.path / "samples.csv")

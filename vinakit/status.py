@@ -54,8 +54,11 @@ def rerun_command(notebook: str, yaml_files: Sequence[str], overrides: Sequence[
     return shlex.join(args)
 
 
-def next_step(run_dir: Path, notebook: str, rerun: str) -> str:
-    """What to do after a failed or interrupted run: resume from its last checkpoint, or run it again."""
+def next_step(run_dir: Path, notebook: str, rerun: str, launch: Sequence[str] = ()) -> str:
+    """What to do after a failed or interrupted run: resume from its last checkpoint, or run it again.
+
+    ``launch``: the distributed launcher's options (``--nproc 2 ...``), repeated in the resume command.
+    """
     from vinakit.resume import resume_point
 
     resumable = "resume_from" in params_class(notebook).field_types()
@@ -63,7 +66,7 @@ def next_step(run_dir: Path, notebook: str, rerun: str) -> str:
     if point is None:
         before = "No checkpoint was written yet. " if resumable else ""
         return f"{before}Run it again with: {rerun}"
-    resume = shlex.join(["vinakit", "run", notebook, "-p", "resume_from", str(run_dir)])
+    resume = shlex.join(["vinakit", "run", notebook, "-p", "resume_from", str(run_dir), *launch])
     return f"Last checkpoint: {point}. Resume with: {resume}"
 
 

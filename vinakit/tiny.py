@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from vinakit.errors import VinakitError
 
@@ -179,33 +179,57 @@ def tiny_model_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
         VinakitError: the build (or the rebuild of a damaged folder) failed; the message names the folder.
     """
     texts = corpus_texts()
+    # build_tiny_model is looked up when the build runs, so a test can replace it.
+    return cached_build(TINY_MODEL_NAME, tiny_folder_name(texts), lambda folder: build_tiny_model(folder, texts),
+                        cache_dir=cache_dir, version=RECIPE["version"])
+
+
+def cached_build(label: str, folder_name: str, build: Callable[[Path], None], *,
+                 cache_dir: str | os.PathLike[str] | None = None, version: int = 1) -> Path:
+    """The cached build ``folder_name`` under the cache root: built atomically if missing, rebuilt once if damaged.
+
+    Shared by ``tiny-vi`` and the tiny model of every family (:mod:`vinakit.families`).
+
+    Args:
+        label: the model's name in messages (``tiny-vi``, ``tiny-qwen3`` ...); temp folders start with it.
+        folder_name: the cache folder's name (the recipe's hash in it, so a changed recipe rebuilds).
+        build: writes the model into an existing, empty folder.
+        cache_dir: where builds are cached; defaults to ``$VINAKIT_CACHE`` or ``~/.cache/vinakit``.
+        version: the recipe version written into the stamp.
+
+    Returns:
+        The model folder.
+
+    Raises:
+        VinakitError: the build (or the rebuild of a damaged folder) failed; the message names the folder.
+    """
     root = cache_root(cache_dir)
-    target = root / tiny_folder_name(texts)
-    problem = _cache_problem(target) if target.is_dir() else None
+    target = root / folder_name
+    problem = _cache_problem(target, version) if target.is_dir() else None
     if target.is_dir() and problem is None:
         return target
     if problem:
-        print(f"vinakit: the cached {TINY_MODEL_NAME} model in {target} is damaged ({problem}); rebuilding it.",
+        print(f"vinakit: the cached {label} model in {target} is damaged ({problem}); rebuilding it.",
               file=sys.stderr, flush=True)
-        _set_aside(target, root)
+        _set_aside(target, root, version)
     try:
-        _build_atomically(target, root, texts)
-        still = _cache_problem(target)
+        _build_atomically(target, root, build, label, version)
+        still = _cache_problem(target, version)
         if still:
             raise OSError(f"the new build is damaged too ({still})")
     except Exception as error:  # any failure of a build ends the same way: name the folder and the way out
-        raise _build_error(target, root, problem, error) from error
+        raise _build_error(label, target, root, problem, error) from error
     return target
 
 
-def _build_atomically(target: Path, root: Path, texts: list[str]) -> None:
+def _build_atomically(target: Path, root: Path, build: Callable[[Path], None], label: str, version: int) -> None:
     """Build into a temp folder, stamp it, then rename it to ``target`` (readers never see half a model)."""
     root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_folders(root)
+    _remove_stale_temp_folders(root, label)
     temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
-        build_tiny_model(temp, texts)
-        _write_stamp(temp)
+        build(temp)
+        _write_stamp(temp, version)
         os.rename(temp, target)  # atomic: readers see no folder or a complete one
     except OSError:
         if not target.is_dir():
@@ -215,22 +239,22 @@ def _build_atomically(target: Path, root: Path, texts: list[str]) -> None:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _build_error(target: Path, root: Path, problem: str | None, error: BaseException) -> VinakitError:
-    what = (f"The cached {TINY_MODEL_NAME} model in {target} was damaged ({problem}) and rebuilding it failed"
-            if problem else f"Building the {TINY_MODEL_NAME} model into {target} failed")
+def _build_error(label: str, target: Path, root: Path, problem: str | None, error: BaseException) -> VinakitError:
+    what = (f"The cached {label} model in {target} was damaged ({problem}) and rebuilding it failed"
+            if problem else f"Building the {label} model into {target} failed")
     return VinakitError(f"{what}: {type(error).__name__}: {error}. Delete {target} and run again, check that "
                         f"{root} is writable and has free space, or set VINAKIT_CACHE to another folder.")
 
 
-def _write_stamp(folder: Path) -> None:
+def _write_stamp(folder: Path, version: int) -> None:
     from vinakit.record import write_json
 
     sizes = {path.relative_to(folder).as_posix(): path.stat().st_size
              for path in sorted(folder.rglob("*")) if path.is_file()}
-    write_json(folder / BUILD_STAMP, {"recipe": RECIPE["version"], "files": sizes})
+    write_json(folder / BUILD_STAMP, {"recipe": version, "files": sizes})
 
 
-def _cache_problem(folder: Path) -> str | None:
+def _cache_problem(folder: Path, version: int) -> str | None:
     """What is wrong with a cached build ("config.json is missing" ...), or None when it is intact.
 
     Sizes catch what damages a cache in practice (a copy or a disk that ran out midway, a deleted file) at the
@@ -240,7 +264,7 @@ def _cache_problem(folder: Path) -> str | None:
         stamp = json.loads((folder / BUILD_STAMP).read_text(encoding="utf-8"))
         sizes = {str(name): int(size) for name, size in stamp["files"].items()}
     except FileNotFoundError:
-        return _adopt_unstamped(folder)
+        return _adopt_unstamped(folder, version)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {BUILD_STAMP} is unreadable"
     for name, size in sizes.items():
@@ -252,7 +276,7 @@ def _cache_problem(folder: Path) -> str | None:
     return None
 
 
-def _adopt_unstamped(folder: Path) -> str | None:
+def _adopt_unstamped(folder: Path, version: int) -> str | None:
     """A folder built before stamps existed: check it by its own contents, then stamp it (no needless rebuild)."""
     for name in _REQUIRED_FILES:
         if not (folder / name).is_file():
@@ -261,7 +285,7 @@ def _adopt_unstamped(folder: Path) -> str | None:
     if problem:
         return problem
     try:
-        _write_stamp(folder)
+        _write_stamp(folder, version)
     except OSError:
         pass  # a read-only cache still works; it is checked this way again next time
     return None
@@ -282,9 +306,9 @@ def _safetensors_problem(path: Path) -> str | None:
     return None if actual == expected else f"{path.name} has {actual} bytes instead of {expected}: cut short"
 
 
-def _set_aside(target: Path, root: Path) -> None:
+def _set_aside(target: Path, root: Path, version: int) -> None:
     """Move a damaged build out of the way, then delete it (a rename first, so no reader sees it half deleted)."""
-    if _cache_problem(target) is None:
+    if _cache_problem(target, version) is None:
         return  # another process has just rebuilt it
     aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-damaged-", dir=root))
     try:
@@ -294,9 +318,9 @@ def _set_aside(target: Path, root: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _remove_stale_temp_folders(root: Path) -> None:
+def _remove_stale_temp_folders(root: Path, label: str) -> None:
     """Delete temp folders left by builds that crashed (old enough that no build is still writing them)."""
-    for folder in root.glob(f".{TINY_MODEL_NAME}-*.tmp-*"):
+    for folder in root.glob(f".{label}-*.tmp-*"):
         try:
             if time.time() - folder.stat().st_mtime > _STALE_TEMP_SECONDS:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -311,11 +335,15 @@ def build_tiny_model(folder: Path, texts: list[str]) -> None:
         folder: an existing, empty folder.
         texts: the tokenizer's training corpus.
     """
-    from transformers.utils import logging as transformers_logging
-
     tokenizer = build_tiny_tokenizer(texts)
     tokenizer.save_pretrained(folder)
-    model = _random_llama(tokenizer)
+    save_quietly(_random_llama(tokenizer), folder)
+
+
+def save_quietly(model: Any, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` (safetensors) without transformers' progress bar."""
+    from transformers.utils import logging as transformers_logging
+
     # A one-shard progress bar would only clutter the notebook that happens to build the model.
     bars_were_on = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()
@@ -326,14 +354,22 @@ def build_tiny_model(folder: Path, texts: list[str]) -> None:
             transformers_logging.enable_progress_bar()
 
 
-def build_tiny_tokenizer(texts: list[str]) -> Any:
+def build_tiny_tokenizer(texts: list[str], *, special_tokens: tuple[str, ...] | None = None,
+                         eos_token: str = EOS_TOKEN, pad_token: str = PAD_TOKEN, bos_token: str | None = None,
+                         chat_template: str | None = None) -> Any:
     """Train the byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
 
     Args:
         texts: training texts (any Unicode form: the NFC normaliser runs first).
+        special_tokens: every special token, ids in this order (default: the recipe's); the family tiny models
+            (:mod:`vinakit.families`) give their own chat-format tokens.
+        eos_token: the end-of-text token (one of ``special_tokens``).
+        pad_token: the padding token (one of ``special_tokens``).
+        bos_token: a begin-of-text token (one of ``special_tokens``), or None.
+        chat_template: the Jinja chat template (default: the recipe's ChatML).
 
     Returns:
-        A ``PreTrainedTokenizerFast`` with the ChatML template and the special tokens of the recipe.
+        A ``PreTrainedTokenizerFast`` with the chat template and the special tokens.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -345,18 +381,21 @@ def build_tiny_tokenizer(texts: list[str]) -> Any:
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
         vocab_size=RECIPE["vocab_size"],
-        special_tokens=RECIPE["special_tokens"],
+        special_tokens=list(special_tokens or RECIPE["special_tokens"]),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodes: no unknown token needed
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
+    named = {eos_token, pad_token, bos_token}
+    extra = {"bos_token": bos_token} if bos_token else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        eos_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        additional_special_tokens=[TURN_START_TOKEN, END_OF_TURN_TOKEN],
-        chat_template=RECIPE["chat_template"],
+        eos_token=eos_token,
+        pad_token=pad_token,
+        additional_special_tokens=[t for t in special_tokens or RECIPE["special_tokens"] if t not in named],
+        chat_template=chat_template or RECIPE["chat_template"],
         model_max_length=RECIPE["max_position_embeddings"],
+        **extra,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from vinakit.display import tidy_notebook_table
 from vinakit.packing import TokenCountingCollator
-from vinakit.record import Run, write_json
+from vinakit.record import Run, shared_path, write_json
 from vinakit.runs import TRAINING_INFO_FILE
 
 
@@ -130,7 +130,7 @@ def training_arguments(params: Any, run: Run, model: Any, *, has_eval: bool) -> 
     from vinakit.device import optimizer_name, single_gpu_arguments, trainer_precision
 
     config = kit_config_class(params.backend)(
-        output_dir=str(run.path / "checkpoints"),
+        output_dir=str(shared_path(run.path / "checkpoints")),  # one folder for every rank of a distributed run
         per_device_train_batch_size=params.per_device_train_batch_size,
         per_device_eval_batch_size=params.per_device_train_batch_size,
         gradient_accumulation_steps=params.gradient_accumulation_steps,
@@ -211,6 +211,10 @@ class LengthBucketSampler:
     small data sets still pad a lot; this one shuffles, sorts windows of ``window_batches`` batches by length,
     cuts them into batches and shuffles the batches. ``set_epoch`` (called by the Trainer) makes each epoch's
     order a function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+
+    In a distributed run ``batch_size`` is the global batch (per device x ranks) and every rank makes the same
+    order; accelerate gives rank r the r-th per-device slice of each global batch. So N ranks of batch b train on
+    the rows one process of batch N x b trains on, in the same steps, for the same seed.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int, window_batches: int = 64) -> None:
@@ -256,10 +260,17 @@ class _KitTrainerMixin:
             guard.saw_loss(loss, self.state.global_step + 1)
         return loss
 
+    def _load_optimizer_and_scheduler(self, *args: Any, **kwargs: Any) -> Any:
+        _restore_indexed_cpu_locations()
+        return super()._load_optimizer_and_scheduler(*args, **kwargs)
+
     def _get_train_sampler(self, *args: Any, **kwargs: Any) -> Any:
         dataset = self.train_dataset
         if self.args.length_buckets and "length" in dataset.column_names:
-            return LengthBucketSampler(dataset["length"], self.args.train_batch_size, self.args.seed)
+            # Buckets of the global batch: accelerate deals the flat order out to the ranks one per-device batch
+            # at a time, so the ranks of one step together get the rows one process with the global batch gets.
+            global_batch = self.args.train_batch_size * self.args.world_size
+            return LengthBucketSampler(dataset["length"], global_batch, self.args.seed)
         return super()._get_train_sampler(*args, **kwargs)
 
     def get_eval_dataloader(self, *args: Any, **kwargs: Any) -> Any:
@@ -269,6 +280,22 @@ class _KitTrainerMixin:
             return super().get_eval_dataloader(*args, **kwargs)
         finally:
             self.data_collator = counting
+
+
+def _restore_indexed_cpu_locations() -> None:
+    """Let ``torch.load`` restore to ``cpu:N``: a resumed CPU rank (gloo) loads its optimizer with its own device
+    as ``map_location``, which is ``cpu:0``, a location torch's own CPU restore does not take ("don't know how to
+    restore data location"). Registered once; other locations are left to torch."""
+    import torch.serialization
+
+    if globals().get("_cpu_locations_registered"):
+        return
+
+    def restore(obj: Any, location: str) -> Any:
+        return obj if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(30, lambda obj: None, restore)
+    globals()["_cpu_locations_registered"] = True
 
 
 class _EmbeddingGroupMixin:
@@ -288,6 +315,10 @@ def embedding_parameter_ids(model: Any) -> set[int]:
     for name, param in model.named_parameters():
         if param.requires_grad and ("embed_tokens" in name or "lm_head" in name) and "lora_" not in name:
             ids.add(id(param))
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):  # other names: MPT's wte
+        for name, param in module.named_parameters() if module is not None else ():
+            if param.requires_grad and "lora_" not in name:
+                ids.add(id(param))
     return ids
 
 
@@ -420,11 +451,12 @@ def _complete_checkpoint(path: Path) -> bool:
 
 def run_training(trainer: Any, params: Any, run: Run) -> dict[str, Any]:
     """Train (resuming if asked), then return and record the metrics of the run."""
-    from vinakit.device import peak_memory_gib, reset_peak_memory
+    from vinakit.device import distributed_summary, peak_memory_gib, reset_peak_memory
 
     checkpoint = str(last_checkpoint(params.resume_from)) if params.resume_from else None
     run.update_manifest(precision={"bf16": trainer.args.bf16, "fp16": trainer.args.fp16},
-                        optimizer=trainer.args.optim, **({"resumed_from": checkpoint} if checkpoint else {}))
+                        optimizer=trainer.args.optim, distributed=distributed_summary(trainer.args),
+                        **({"resumed_from": checkpoint} if checkpoint else {}))
     reset_peak_memory()
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
@@ -472,7 +504,11 @@ def _diverged(guard: NonFiniteGuard, params: Any, run: Run) -> Exception:
 def save_trained(model: Any, tokenizer: Any, run: Run, params: Any, *, name: str = "adapter") -> Path:
     """Save the adapter (or the full model) with its tokenizer and exact chat template into the run folder."""
     folder = run.path / name
-    model.save_pretrained(str(folder))
+    whole = _whole_state_dict(model)
+    if whole is None:
+        model.save_pretrained(str(folder))
+    elif whole:  # FSDP2: rank 0 holds the gathered weights; the other ranks' own folders get none
+        model.save_pretrained(str(folder), state_dict=whole)
     tokenizer.save_pretrained(str(folder))
     info = {
         "base_model": params.model_name,
@@ -488,6 +524,22 @@ def save_trained(model: Any, tokenizer: Any, run: Run, params: Any, *, name: str
     write_json(folder / TRAINING_INFO_FILE, info)
     run.update_manifest(saved_model=str(folder))
     return folder
+
+
+def _whole_state_dict(model: Any) -> dict[str, Any] | None:
+    """The whole state dict when FSDP2 sharded the model (on rank 0; {} on the others), else None.
+
+    Under FSDP2 each rank holds one shard of every weight (DTensor), which ``save_pretrained`` cannot write.
+    Gathering is a collective, so every rank calls this; the whole weights go to rank 0's CPU memory only (a
+    sharded model is one that does not fit on one GPU).
+    """
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(param, DTensor) for param in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def plot_losses(metrics: dict[str, Any], title: str = "Loss", model_name: str = "") -> Any:
