@@ -213,6 +213,17 @@ def test_full_finetuning_on_a_t4_keeps_float32_weights():
     assert not full.fits and any(s.name == "full_finetuning" for s in full.suggestions)
 
 
+def test_a_preference_batch_counts_chosen_and_rejected_with_the_whole_vocabulary_loss():
+    profile = device.profile_named("t4")
+    shared = {"per_device_train_batch_size": 2, "max_seq_length": 2048}
+    sft = plan.estimate(params_for("sft", **shared), profile).parts
+    pairs = plan.estimate(params_for("preference", **shared), profile).parts
+    assert pairs["activations"] == pytest.approx(2 * sft["activations"], rel=0.05)  # + one dequantised weight
+    sizes = model_sizes("unsloth/Llama-3.2-1B-Instruct")
+    whole = 2 * 2 * 2048 * sizes.vocab_size * (2 + 12) / plan.GIB  # 16-bit logits, fp32 upcast, log_softmax, grad
+    assert pairs["logits/loss"] == pytest.approx(whole, rel=1e-3) and sft["logits/loss"] < whole
+
+
 def test_eval_mcq_counts_the_kv_cache_of_the_whole_batch():
     result = plan.estimate(params_for("eval_mcq"), device.profile_named("t4"))
     # 16 prompts x 2048 tokens x 16 layers x (K, V) x 8 KV heads x 64 dims x 2 bytes = 1 GiB

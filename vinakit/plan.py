@@ -396,7 +396,9 @@ def _activation_parts(params: Any, sizes: ModelSizes, profile: DeviceProfile, fo
                       details: dict) -> None:
     """Activations with gradient checkpointing, then the logits and loss."""
     act = 2 if profile.is_gpu else 4  # 16-bit autocast on a GPU (fp32 master weights too); float32 on a CPU
-    tokens = params.per_device_train_batch_size * params.max_seq_length
+    # A preference batch holds each pair's chosen and rejected sequence (TRL concatenates them into one forward).
+    sequences = 2 if params.notebook == "preference" else 1
+    tokens = sequences * params.per_device_train_batch_size * params.max_seq_length
     h, i = sizes.hidden_size, sizes.intermediate_size
     # One layer's saved tensors per token (2 norms, 2 residuals, q/k/v/o, attention, MLP gate/up/act) and its
     # MLP backward: the count of unsloth_zoo.tiled_mlp. Attention is SDPA/flash (no seq x seq matrix).
@@ -412,7 +414,9 @@ def _activation_parts(params: Any, sizes: ModelSizes, profile: DeviceProfile, fo
     parts["activations"] = tokens * per_token * act
     if four_bit and profile.is_gpu:
         parts["activations"] += max(a * b for a, b in sizes.linear_shapes().values()) * act  # one dequantised weight
-    details["activations"] = f"batch {params.per_device_train_batch_size} x {params.max_seq_length} tokens: {how}"
+    pairs = " pairs x 2 (chosen, rejected)" if sequences == 2 else ""
+    details["activations"] = (f"batch {params.per_device_train_batch_size}{pairs} x {params.max_seq_length} tokens: "
+                              f"{how}")
     _loss_part(params, sizes, profile, tokens, act, parts, details)
 
 
@@ -422,7 +426,8 @@ def _loss_part(params: Any, sizes: ModelSizes, profile: DeviceProfile, tokens: i
     # its gradient (14 bytes in 16-bit, as unsloth_zoo counts). The hf backend is assumed to run it whole (TRL may
     # patch in a fused loss, which only lowers it); Unsloth's fused loss runs it in chunks (FUSED_LOSS_CAP_GIB).
     eager = tokens * sizes.vocab_size * (act + 12)
-    if params.backend != "unsloth":
+    # TRL's ORPO/DPO take log-probabilities over the whole vocabulary (Unsloth's fused loss is for SFT/CPT only).
+    if params.backend != "unsloth" or params.notebook == "preference":
         parts["logits/loss"], details["logits/loss"] = eager, f"batch x seq x vocab {sizes.vocab_size}, whole"
         return
     room = profile.memory_gib * GIB - sum(parts.values()) - OVERHEAD_GIB * GIB
