@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vinakit.errors import ParamsError
-from vinakit.params import NOTEBOOK_PARAMS, SFTParams, params_class, read_yaml
+from vinakit.params import NOTEBOOK_PARAMS, CPTParams, PreferenceParams, SFTParams, params_class, read_yaml
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -209,3 +209,14 @@ def test_the_second_repo_of_an_export_must_fit_the_name_limit_too():
     longest = max(repo_names(repo_id[:-1], ["merged_16bit", "lora", "gguf"]).values(), key=len)
     assert len(longest) == len(repo_id[:-1]) + len("-GGUF")  # params checks the suffix publish really adds
 
+
+
+@pytest.mark.parametrize(("cls", "bad", "unit"), [(SFTParams, [-1, 0.7], "rows"), (CPTParams, [0, 0.7], "documents"),
+                                                  (PreferenceParams, [-1, 0.6], "pairs")])
+def test_val_size_is_a_fraction_up_to_a_half_or_a_whole_count(cls, bad: list[float], unit: str):
+    for value in bad:
+        with pytest.raises(ParamsError, match=f"val_size must be a fraction in .* whole number of {unit}, got"):
+            cls.validate({"val_size": value})
+    assert cls.validate({"val_size": 0.1}).val_split == 0.1
+    split = cls.validate({"val_size": 30}).val_split
+    assert split == 30 and isinstance(split, int)

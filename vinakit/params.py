@@ -375,14 +375,24 @@ class SFTParams(LoraParams):
 
     def check(self) -> None:
         super().check()
-        if self.val_size < 0 or self.val_size > 0.5 and not float(self.val_size).is_integer():
-            raise ParamsError(f"val_size must be a fraction in [0, 0.5] or a whole number of rows, "
-                              f"got {self.val_size}.")
+        _check_val_size(self.val_size, "rows")
 
     @property
     def val_split(self) -> float | int:
         """``val_size`` as the data loader wants it: a fraction, or a row count when >= 1."""
-        return int(self.val_size) if self.val_size >= 1 else self.val_size
+        return _as_split(self.val_size)
+
+
+def _check_val_size(val_size: float, unit: str, *, zero_allowed: bool = True) -> None:
+    """A validation share is a fraction up to one half, or a whole number of ``unit`` (rows, pairs ...)."""
+    too_small = val_size < 0 or (val_size == 0 and not zero_allowed)
+    if too_small or val_size > 0.5 and not float(val_size).is_integer():
+        interval = "[0, 0.5]" if zero_allowed else "(0, 0.5]"
+        raise ParamsError(f"val_size must be a fraction in {interval} or a whole number of {unit}, got {val_size}.")
+
+
+def _as_split(val_size: float) -> float | int:
+    return int(val_size) if val_size >= 1 else val_size
 
 
 SaveMethod = Literal["lora", "merged_16bit", "gguf"]
@@ -587,9 +597,7 @@ class CPTParams(LoraParams):
         if self.num_new_tokens < 0 or self.new_token_min_count < 1:
             raise ParamsError(f"num_new_tokens must be >= 0 and new_token_min_count >= 1, got "
                               f"{self.num_new_tokens} and {self.new_token_min_count}.")
-        if self.val_size <= 0 or self.val_size > 0.5 and not float(self.val_size).is_integer():
-            raise ParamsError(f"val_size must be a fraction in (0, 0.5] or a whole number of documents, "
-                              f"got {self.val_size}.")
+        _check_val_size(self.val_size, "documents", zero_allowed=False)
         plan = self.stage_plan
         adds_tokens = self.num_new_tokens > 0 or bool(self.new_tokens)
         if any(name == "new_embeddings" for name, _ in plan) and not adds_tokens:
@@ -606,7 +614,7 @@ class CPTParams(LoraParams):
     @property
     def val_split(self) -> float | int:
         """``val_size`` as a fraction, or a document count when >= 1."""
-        return int(self.val_size) if self.val_size >= 1 else self.val_size
+        return _as_split(self.val_size)
 
 
 def _parse_stage(entry: str) -> tuple[str, int]:
@@ -657,14 +665,12 @@ class PreferenceParams(LoraParams):
             raise ParamsError(f"max_prompt_length must be 0 (no limit of its own) or less than max_seq_length, got "
                               f"{self.max_prompt_length} with max_seq_length {self.max_seq_length}: the reply "
                               f"needs room too.")
-        if self.val_size < 0 or self.val_size > 0.5 and not float(self.val_size).is_integer():
-            raise ParamsError(f"val_size must be a fraction in [0, 0.5] or a whole number of pairs, got "
-                              f"{self.val_size}.")
+        _check_val_size(self.val_size, "pairs")
 
     @property
     def val_split(self) -> float | int:
         """``val_size`` as a fraction, or a pair count when >= 1."""
-        return int(self.val_size) if self.val_size >= 1 else self.val_size
+        return _as_split(self.val_size)
 
 
 NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
