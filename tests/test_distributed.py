@@ -320,3 +320,24 @@ def test_plan_per_rank_shards_what_each_mode_shards(capsys):
     assert fsdp.parts["activations"] == one.parts["activations"]
     assert main(["plan", "sft", "-f", preset, "--device", "t4", "--nproc", "2"]) == 0  # QLoRA 3B fits per T4
     assert "1 of 2 ranks (ddp)" in capsys.readouterr().out
+
+
+def test_a_kernel_that_dies_while_starting_is_started_again_but_a_failed_cell_is_not(monkeypatch, tmp_path: Path):
+    from vinakit import cli, launch
+
+    calls = []
+
+    def start(*args, **kwargs):  # fault injection: the port race of two ranks, then a cell that fails
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        if len(calls) == 3:
+            raise RuntimeError("ô mã số 7 bị lỗi: a cell failed")
+
+    monkeypatch.setattr(cli, "_execute", start)
+    monkeypatch.setattr(launch.time, "sleep", lambda seconds: None)
+    launch._execute_once_started(tmp_path / "sft.ipynb", tmp_path / "out.ipynb", {}, "python3", rank=1)
+    assert len(calls) == 2
+    with pytest.raises(RuntimeError, match="a cell failed"):
+        launch._execute_once_started(tmp_path / "sft.ipynb", tmp_path / "out.ipynb", {}, "python3", rank=1)
+    assert len(calls) == 3

@@ -415,7 +415,6 @@ def rank_worker(run_dir: Path, kernel_name: str) -> int:
     Returns:
         The exit status: 0 done, 1 the notebook failed, 143 stopped by a signal (another rank failed).
     """
-    from vinakit.cli import _execute
     from vinakit.device import process_rank
 
     launch = read_json(run_dir / RANKS_DIR / LAUNCH_FILE)
@@ -427,7 +426,7 @@ def rank_worker(run_dir: Path, kernel_name: str) -> int:
         os.environ[RANK_DIR_ENV] = str(run_dir / RANKS_DIR / f"rank-{rank}")
         os.environ[SHARED_RUN_DIR_ENV] = str(run_dir)
     try:
-        _execute(notebook, executed, launch["values"], kernel_name, progress_bar=False)
+        _execute_once_started(notebook, executed, launch["values"], kernel_name, rank)
     except KeyboardInterrupt as stop:
         _record_rank_error(run_dir, rank, "interrupted", getattr(stop, "signal_name", "SIGINT"),
                            "stopped because another rank failed or the launcher was stopped", None, executed)
@@ -441,6 +440,30 @@ def rank_worker(run_dir: Path, kernel_name: str) -> int:
               file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+# The ranks start their kernels at the same moment, and jupyter_client picks each kernel's ports by binding and
+# releasing them: two ranks can pick the same port, and one kernel dies before any cell runs ("Address already in
+# use"; seen once in CI). No cell has run then, so starting that kernel again is safe.
+_KERNEL_START_FAILURE = "Kernel died before replying to kernel_info"
+_KERNEL_START_TRIES = 3
+
+
+def _execute_once_started(notebook: Path, executed: Path, values: dict[str, Any], kernel_name: str,
+                          rank: int) -> None:
+    """Execute the notebook; a kernel that died while starting (a port race between ranks) is started again."""
+    from vinakit.cli import _execute
+
+    for attempt in range(1, _KERNEL_START_TRIES + 1):
+        try:
+            _execute(notebook, executed, values, kernel_name, progress_bar=False)
+            return
+        except RuntimeError as error:
+            if _KERNEL_START_FAILURE not in str(error) or attempt == _KERNEL_START_TRIES:
+                raise
+            print(f"vinakit: rank {rank}: its kernel died while starting ({error}); starting it again.",
+                  file=sys.stderr, flush=True)
+            time.sleep(0.5 + 0.5 * rank)  # ranks retry at different moments
 
 
 def _record_rank_error(run_dir: Path, rank: int, status: str, kind: str, message: str, cell: int | None,
